@@ -1,0 +1,3 @@
+"""jalign: JAX-native preference optimization."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""Orbax checkpoints holding the train state and the grain iterator position."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    """A workdir holds a checkpoint that does not fit the configured model."""
+
+
+def make_manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator=None, *,
+         force: bool = False) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_state: Any, where: str):
+    """Names the first parameter whose saved shape differs from the configured one."""
+    try:
+        saved = manager.item_metadata(step)["state"]
+    except Exception:  # metadata unavailable: let the restore itself report
+        return
+    saved_flat = {jax.tree_util.keystr(k): v for k, v in
+                  jax.tree_util.tree_flatten_with_path(saved)[0]}
+    want_flat = {jax.tree_util.keystr(k): v for k, v in
+                 jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    missing = sorted(set(want_flat) - set(saved_flat))
+    extra = sorted(set(saved_flat) - set(want_flat))
+    if missing or extra:
+        raise CheckpointMismatchError(
+            f"{where} (step {step}) holds a checkpoint of another model: "
+            f"missing {missing[:3]}, unexpected {extra[:3]}. Use a fresh --workdir or the "
+            "model config that wrote it.")
+    for key, want in want_flat.items():
+        got = getattr(saved_flat[key], "shape", None)
+        if got is not None and tuple(got) != tuple(np.shape(want)):
+            raise CheckpointMismatchError(
+                f"{where} (step {step}) holds a checkpoint of another model shape: "
+                f"state{key} is {tuple(got)} there but {tuple(np.shape(want))} in this config. "
+                "Use a fresh --workdir or the model config that wrote it.")
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator=None, *,
+            step: int | None = None) -> tuple[int, Any]:
+    """Restores the latest (or given) step onto the shardings in `abstract_state`.
+
+    `abstract_state` is a tree of jax.ShapeDtypeStruct with `.sharding` set; the
+    arrays come back placed on those shardings (the mesh may differ from the one
+    that wrote them). The data iterator, if given, is restored in place.
+    """
+    step = manager.latest_step() if step is None else step
+    _check_shapes(manager, step, abstract_state, str(manager.directory))
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return step, restored["state"]

@@ -1,0 +1,100 @@
+"""The base config every configs/NAME.py starts from, and its validation.
+
+`base_config()` returns a locked ml_collections.ConfigDict holding every key jalign
+reads, with defaults. Config files and --config.key=value flags can only change
+existing keys, so a typo fails at once, naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+from jalign.models.config import PRESETS, ModelConfig
+
+ALGOS = ("sft",)
+
+
+def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; valid: {sorted(PRESETS)}")
+    values = ModelConfig(**{**PRESETS[preset], **overrides}).to_dict()
+    values["rope_scaling"] = values["rope_scaling"] or None
+    return ml_collections.ConfigDict(values)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.algo = "sft"
+    c.seed = 0
+    c.model = model_config("tiny")
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.logical_axis_rules = ml_collections.FieldReference(None, field_type=list)
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3, warmup_steps=10, schedule="cosine", end_learning_rate_factor=0.1,
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, grad_accum_steps=1))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="task",           # "task" (built-in), "jsonl" or "parquet"
+        task="sort",             # built-in task name (jalign.tasks.TASKS)
+        path="",                 # file or comma-separated files for jsonl/parquet
+        tokenizer="",            # "" = the built-in character tokenizer, else a tokenizer.json / folder
+        num_train_examples=4096,
+        demo_quality=1.0,        # built-in tasks: fraction of perfect demonstrations
+        batch_size=32,           # global batch (sequences, or packed rows)
+        max_length=64,
+        max_prompt_length=48,
+        truncation="keep_end",
+        packing=False,
+        on_bad_row="raise",      # "raise" or "skip" (skips are counted and reported)
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        num_steps=200, log_every=10, eval_every=0, eval_at_start=True,
+        checkpoint_every=100, keep_checkpoints=3, async_checkpointing=True,
+        logprob_impl="auto"))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        num_prompts=128, max_new_tokens=24, temperature=1.0, batch_size=64, kl_to_start=True))
+    c.lock()
+    return c
+
+
+def _check_choice(config, path: str, choices) -> None:
+    value = config
+    for part in path.split("."):
+        value = value[part]
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"config.{path} = {value!r} is not valid{extra}; valid: {list(choices)}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks keys against base_config() and values against their allowed choices."""
+    reference = base_config()
+
+    def walk(cfg, ref, prefix):
+        for key in cfg.keys():
+            if key not in ref:
+                hint = difflib.get_close_matches(key, list(ref.keys()), n=1)
+                extra = f" (did you mean {prefix}{hint[0]!r}?)" if hint else ""
+                raise ValueError(f"unknown config key {prefix}{key!r}{extra}")
+            if isinstance(ref[key], ml_collections.ConfigDict) and key != "model":
+                walk(cfg[key], ref[key], f"{prefix}{key}.")
+
+    walk(config, reference, "")
+    _check_choice(config, "algo", ALGOS)
+    _check_choice(config, "data.source", ("task", "jsonl", "parquet"))
+    _check_choice(config, "data.truncation", ("keep_end", "keep_start"))
+    _check_choice(config, "data.on_bad_row", ("raise", "skip"))
+    ModelConfig.from_mapping(config.model)
+    for key in ("num_steps", "log_every", "checkpoint_every"):
+        if int(config.train[key]) <= 0:
+            raise ValueError(f"config.train.{key} must be positive, got {config.train[key]!r}")
+    accum = int(config.optimizer.grad_accum_steps)
+    if accum <= 0 or config.data.batch_size % accum:
+        raise ValueError(f"config.data.batch_size ({config.data.batch_size}) must be a multiple of "
+                         f"config.optimizer.grad_accum_steps ({accum})")

@@ -1,0 +1,160 @@
+"""SFT tokenisation: a (prompt, completion) pair -> tokens and a loss mask.
+
+Layout of one example (before truncation):
+
+    tokens    = [bos] + prompt + completion + [eos]
+    loss_mask =   0   +  0...  +   1...     +   1
+
+`loss_mask[t] = 1` means token t is a target: it is predicted from tokens[:t].
+The first token is never a target (nothing precedes it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from jalign.data.sources import DataError
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+
+class TokenizerLike(Protocol):
+    """The tokenizer interface the data pipeline relies on (jalign.tokenizer)."""
+
+    vocab_size: int
+    pad_id: int
+    eos_id: int
+    bos_id: int | None
+
+    def encode(self, text: str) -> list[int]:
+        ...
+
+    def apply_chat_template(self, messages, *,
+                            add_generation_prompt: bool = False) -> str:
+        ...
+
+
+class PromptTooLongError(DataError):
+    """The (truncated) prompt leaves no room for a completion token.
+
+    Raised by `tokenize_prompt_completion` without an origin; the pipeline
+    re-raises it naming the record (or skips it, under on_bad_row="skip").
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, reason="prompt_too_long")
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def render_conversation(prompt: Sequence[Mapping[str, str]],
+                        completion: Sequence[Mapping[str, str]],
+                        tokenizer: TokenizerLike) -> tuple[str, str]:
+    """Renders message lists with the chat template into (prompt, completion) text.
+
+    The prompt is rendered with the generation prompt (e.g. the assistant
+    header); the completion text is the full rendered conversation with that
+    prompt text removed from its front.
+
+    Raises:
+        DataError: if the template does not render the full conversation as
+            an extension of the rendered prompt.
+    """
+    prompt_text = tokenizer.apply_chat_template(
+        list(prompt), add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(
+        list(prompt) + list(completion), add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise DataError(
+            "chat template: the rendered conversation does not start with the "
+            "rendered prompt (with add_generation_prompt=True); cannot split "
+            "it into prompt and completion", reason="chat_template")
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def _truncate(ids: list[int], length: int, truncation: str) -> list[int]:
+    if len(ids) <= length:
+        return ids
+    return ids[len(ids) - length:] if truncation == "keep_end" else ids[:length]
+
+
+def tokenize_prompt_completion(
+    prompt: str | Sequence[Mapping[str, str]],
+    completion: str | Sequence[Mapping[str, str]],
+    tokenizer: TokenizerLike,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    truncation: str = "keep_end",
+    add_bos: bool = True,
+) -> dict[str, np.ndarray]:
+    """Tokenises one SFT example.
+
+    `tokens = [bos] + prompt + completion + [eos]`, `loss_mask` is 1 exactly on
+    the completion tokens and the EOS. BOS is added only if `add_bos` and the
+    tokenizer has one. Message lists are rendered with the chat template first
+    (see `render_conversation`); prompt and completion must both be strings or
+    both be message lists.
+
+    Truncation, in order:
+      1. the prompt to `max_prompt_length` tokens (BOS not counted):
+         "keep_end" keeps its last tokens (left truncation), "keep_start" its
+         first tokens;
+      2. the whole sequence to `max_length` by cutting the end of the
+         completion (the EOS goes first, so a truncated completion is not
+         taught to stop there).
+
+    Args:
+        prompt: text, or a list of {"role", "content"} messages.
+        completion: text, or a list of messages (usually one assistant turn).
+        tokenizer: see `TokenizerLike`.
+        max_length: maximum total length, BOS and EOS included.
+        max_prompt_length: optional cap on prompt tokens.
+        truncation: "keep_end" or "keep_start" (applies to the prompt).
+        add_bos: prepend the tokenizer's BOS if it has one.
+
+    Returns:
+        dict(tokens=int32[L], loss_mask=int32[L]) with L <= max_length.
+
+    Raises:
+        PromptTooLongError: the prompt after step 1 (plus BOS) fills
+            `max_length`, leaving no completion token.
+        DataError: a conversation the chat template cannot split, or a
+            string/messages mix.
+    """
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(
+            f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if _is_conversation(prompt) != _is_conversation(completion):
+        raise DataError("prompt and completion must both be strings or both be "
+                        "message lists", reason="wrong_type")
+    if _is_conversation(prompt):
+        prompt, completion = render_conversation(prompt, completion, tokenizer)
+
+    prefix = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    prompt_ids = list(tokenizer.encode(prompt))
+    if max_prompt_length is not None:
+        prompt_ids = _truncate(prompt_ids, max_prompt_length, truncation)
+    n_context = len(prefix) + len(prompt_ids)
+    if n_context >= max_length:
+        raise PromptTooLongError(
+            f"prompt is {n_context} tokens (with BOS), which leaves no room for "
+            f"the completion within max_length={max_length}; set "
+            f"max_prompt_length below max_length or skip such rows")
+    completion_ids = list(tokenizer.encode(completion)) + [tokenizer.eos_id]
+
+    tokens = np.asarray(prefix + prompt_ids + completion_ids,
+                        dtype=np.int32)[:max_length]
+    loss_mask = np.zeros_like(tokens)
+    loss_mask[n_context:] = 1
+    # Nothing precedes the first token, so it can never be a target (matters
+    # only for an empty prompt without BOS).
+    loss_mask[0] = 0
+    return {"tokens": tokens, "loss_mask": loss_mask}

@@ -1,0 +1,180 @@
+"""One decoder-only transformer (Llama family) in Flax, returning final hidden states.
+
+The unembedding is applied by the caller through `jalign.ops.token_logprobs`, so
+[tokens, vocab] logits are never built here. Every parameter carries logical axis
+names; `jalign.sharding` maps them to mesh axes with the config's rule table.
+
+Logical axes used: "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp",
+"norm", "layers" (parameters) and "batch", "length", "act_embed" (activations).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jalign.models.config import ModelConfig
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module: nn.Module, name: str, shape, axes, init=_INIT):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                        module.config.weight_dtype)
+
+
+class RMSNorm(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return (y * scale.astype(jnp.float32)).astype(self.config.compute_dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies [head_dim/2], with llama3 / linear rope scaling applied."""
+    d = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return jnp.where(medium, smoothed, scaled)
+    if kind == "default":
+        return inv_freq
+    raise ValueError(f"model.rope_scaling.rope_type {kind!r} is not supported; "
+                     "valid: 'default', 'linear', 'llama3'")
+
+
+def apply_rope(x_BxTxNxD, cos_BxTxD, sin_BxTxD):
+    """Rotary embedding in the 'rotate half' layout used by Hugging Face checkpoints."""
+    half = x_BxTxNxD.shape[-1] // 2
+    x32 = x_BxTxNxD.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos_BxTxD[:, :, None, :] + rotated * sin_BxTxD[:, :, None, :]
+    return out.astype(x_BxTxNxD.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxH, cos, sin, mask_Bx1x1xTxS):
+        c = self.config
+        h, d, nq, nkv = c.hidden_size, c.head_size, c.num_heads, c.num_kv_heads
+        dt = c.compute_dtype
+        wq = _param(self, "q_proj", (h, nq, d), ("embed", "q_heads", "head_dim"))
+        wk = _param(self, "k_proj", (h, nkv, d), ("embed", "kv_heads", "head_dim"))
+        wv = _param(self, "v_proj", (h, nkv, d), ("embed", "kv_heads", "head_dim"))
+        wo = _param(self, "o_proj", (nq, d, h), ("q_heads", "head_dim", "embed"))
+        q = jnp.einsum("bth,hnd->btnd", x_BxTxH, wq.astype(dt))
+        k = jnp.einsum("bth,hnd->btnd", x_BxTxH, wk.astype(dt))
+        v = jnp.einsum("bth,hnd->btnd", x_BxTxH, wv.astype(dt))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, nkv, nq // nkv, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                            preferred_element_type=jnp.float32) / math.sqrt(d)
+        scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nq, d)
+        return jnp.einsum("btnd,ndh->bth", out, wo.astype(dt))
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxH):
+        c = self.config
+        dt = c.compute_dtype
+        gate = _param(self, "gate_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"))
+        up = _param(self, "up_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"))
+        down = _param(self, "down_proj", (c.intermediate_size, c.hidden_size), ("mlp", "embed"))
+        g = jnp.einsum("bth,hi->bti", x_BxTxH, gate.astype(dt))
+        u = jnp.einsum("bth,hi->bti", x_BxTxH, up.astype(dt))
+        return jnp.einsum("bti,ih->bth", nn.silu(g) * u, down.astype(dt))
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        x = x + Attention(self.config, name="attn")(RMSNorm(self.config, name="attn_norm")(x),
+                                                    cos, sin, mask)
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, None
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nn.Module):
+    """Decoder-only transformer: tokens -> final (normed) hidden states [B, T, H].
+
+    Packed sequences: `segment_ids` (0 = padding) keep attention inside a segment,
+    `positions` restart per segment. Layers are scanned, so parameters of the
+    blocks are stacked along a leading "layers" axis.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+        c = self.config
+        b, t = tokens_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids_BxT is None:
+            segment_ids_BxT = jnp.ones((b, t), jnp.int32)
+        embed = _param(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        if not c.tie_embeddings:
+            _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+        x = jnp.take(embed, tokens_BxT, axis=0).astype(c.compute_dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+        angles = positions_BxT.astype(jnp.float32)[..., None] * rope_frequencies(c)
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+        mask = (causal[None] & same_segment)[:, None, None]
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=_REMAT[c.remat], prevent_cse=False)
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = stack(c, name="layers")(x, cos, sin, mask)
+        return RMSNorm(c, name="final_norm")(x)
+
+
+def unembedding(params: Any, config: ModelConfig) -> jax.Array:
+    """The [hidden, vocab] output projection (the tied embedding transposed, or lm_head)."""
+    if config.tie_embeddings:
+        return params["embed"].T
+    return params["lm_head"]

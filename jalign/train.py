@@ -1,0 +1,196 @@
+"""The one training entry point and loop.
+
+    python -m jalign.train --config=configs/quickstart.py --workdir=/tmp/jalign_quickstart \
+        [--config.train.num_steps=200 ...]
+
+The loop owns jit (with in/out shardings and state donation), the mesh, logging
+(metrics.jsonl, TensorBoard, a progress bar), evaluation and Orbax checkpoints.
+Restarted with the same workdir it resumes from the latest checkpoint, data
+iterator position included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jalign import checkpoint as ckpt
+from jalign import sharding as shd
+from jalign.algorithms import get_algorithm
+from jalign.config_utils import validate_config
+from jalign.logging_utils import MetricsWriter, ProgressBar
+from jalign.models.config import ModelConfig
+from jalign.models.transformer import Decoder
+from jalign.optim import make_optimizer
+from jalign.state import TrainState
+
+
+def _boxed_init_fn(model_cfg: ModelConfig, optimizer, seed: int):
+    def init(rng):
+        dummy = jnp.zeros((1, 8), jnp.int32)
+        params = Decoder(model_cfg).init(rng, dummy)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed + 1))
+    return init
+
+
+def init_train_state(model_cfg: ModelConfig, optimizer, mesh, rules, *, seed: int,
+                     params: Any = None):
+    """Creates the train state already sharded (the full model never sits on one device).
+
+    Returns (state, state_shardings). If `params` is given (e.g. from an earlier
+    stage), they are used instead of a fresh initialisation.
+    """
+    boxed_init = _boxed_init_fn(model_cfg, optimizer, seed)
+    abstract = jax.eval_shape(boxed_init, jax.random.PRNGKey(seed))
+    shardings = shd.logical_shardings(abstract, mesh, rules)
+
+    def init(rng):
+        state = nn.meta.unbox(boxed_init(rng))
+        if params is not None:
+            state = state.replace(params=params, opt_state=optimizer.init(params))
+        return state
+
+    with jax.sharding.use_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    return state, shardings
+
+
+def _abstract_with_shardings(state, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)
+
+
+def _device_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains as configured, resuming from `workdir` if it holds a checkpoint.
+
+    Returns the summary dict (also written to WORKDIR/summary.json).
+    """
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = shd.make_mesh(config.mesh)
+    rules = shd.rules_from_config(config.get("logical_axis_rules"))
+    algo = get_algorithm(config.algo)
+    model_cfg = ModelConfig.from_mapping(config.model)
+    setup = algo.setup(config, model_cfg, workdir)
+
+    train_cfg = config.train
+    optimizer, schedule = make_optimizer(config.optimizer, train_cfg.num_steps)
+    state, state_shardings = init_train_state(model_cfg, optimizer, mesh, rules, seed=config.seed,
+                                              params=setup.init_params)
+    step_fn = algo.make_step(config, model_cfg, optimizer, schedule, setup)
+    batch_sharding = shd.data_sharding(mesh, rules)
+    p_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+
+    dataset = setup.dataset(jax.process_index(), jax.process_count())
+    data_iter = iter(dataset)
+    manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
+                                keep=train_cfg.keep_checkpoints,
+                                async_save=train_cfg.get("async_checkpointing", True))
+    # The starting policy, kept for "KL to the start" in evaluation.
+    start_params = (jax.tree.map(jnp.copy, state.params)
+                    if setup.evaluate is not None and config.eval.kl_to_start else None)
+    start_step = 0
+    is_main = jax.process_index() == 0
+    writer = MetricsWriter(workdir, enabled=is_main)
+    if manager.latest_step() is not None:
+        abstract = _abstract_with_shardings(state, state_shardings)
+        start_step, state = ckpt.restore(manager, abstract, data_iter)
+        writer.truncate_after(start_step)
+        if is_main:
+            print(f"Resumed from {workdir} at step {start_step}.")
+
+    evals = writer.read_evals()
+    if start_step == 0 and setup.evaluate is not None and train_cfg.eval_at_start:
+        evals = [dict(step=0, **setup.evaluate(state.params, start_params))]
+        writer.write_eval(evals[0])
+        if is_main:
+            print(f"step 0 eval: {evals[0]}")
+
+    num_steps = train_cfg.num_steps
+    progress = ProgressBar(num_steps, start_step, enabled=is_main)
+    pending = None  # metrics of the previous step, fetched one step late (no stall)
+    tokens_since, time_since = 0.0, time.perf_counter()
+    with jax.sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(start_step, num_steps):
+            batch = _device_batch(next(data_iter), batch_sharding)
+            state, metrics = p_step(state, batch)
+            if pending is not None:
+                tokens_since, time_since = _report(pending, writer, progress, train_cfg,
+                                                   tokens_since, time_since)
+            pending = (step + 1, metrics)
+            done = step + 1
+            if setup.evaluate is not None and train_cfg.eval_every and (
+                    done % train_cfg.eval_every == 0 or done == num_steps):
+                result = dict(step=done, **setup.evaluate(state.params, start_params))
+                evals.append(result)
+                writer.write_eval(result)
+                progress.write(f"step {done} eval: {_fmt(result)}")
+            if done % train_cfg.checkpoint_every == 0 or done == num_steps:
+                ckpt.save(manager, done, state, data_iter)
+        if pending is not None:
+            _report(pending, writer, progress, train_cfg, tokens_since, time_since)
+    manager.wait_until_finished()
+    progress.close()
+    summary = setup.summarize(evals, writer.last_metrics) if setup.summarize else {
+        "evals": evals, "final_metrics": writer.last_metrics}
+    if is_main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    writer.close()
+    return summary
+
+
+def _fmt(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def _report(pending, writer, progress, train_cfg, tokens_since, time_since):
+    step, metrics = pending
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    loss = metrics.get("loss")
+    if loss is not None and not np.isfinite(loss):
+        raise FloatingPointError(
+            f"step {step}: loss is {loss} (non-finite). Metrics: {_fmt(metrics)}. Lower "
+            "config.optimizer.learning_rate, check the data, or resume from the last checkpoint.")
+    tokens_since += metrics.get("num_tokens", 0.0)
+    progress.update(step, loss)
+    if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
+        elapsed = time.perf_counter() - time_since
+        metrics["tokens_per_second"] = tokens_since / max(elapsed, 1e-9)
+        writer.write(step, metrics)
+        progress.set_rate(metrics["tokens_per_second"])
+        tokens_since, time_since = 0.0, time.perf_counter()
+    return tokens_since, time_since
+
+
+def main(argv):
+    del argv
+    from absl import flags  # imported here so library users never parse flags
+    config = flags.FLAGS.config
+    run(config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/NAME.py file[:arg].",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summary.json.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
