@@ -62,13 +62,16 @@ def render_conversation(prompt: Sequence[Mapping[str, str]],
     prompt text removed from its front.
 
     Raises:
-        DataError: if the template does not render the full conversation as
-            an extension of the rendered prompt.
+        DataError: if the template fails, or does not render the full
+            conversation as an extension of the rendered prompt.
     """
-    prompt_text = tokenizer.apply_chat_template(
-        list(prompt), add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(
-        list(prompt) + list(completion), add_generation_prompt=False)
+    try:
+        prompt_text = tokenizer.apply_chat_template(
+            list(prompt), add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(
+            list(prompt) + list(completion), add_generation_prompt=False)
+    except ValueError as e:
+        raise DataError(str(e), reason="chat_template") from None
     if not full_text.startswith(prompt_text):
         raise DataError(
             "chat template: the rendered conversation does not start with the "
@@ -97,9 +100,14 @@ def tokenize_prompt_completion(
 
     `tokens = [bos] + prompt + completion + [eos]`, `loss_mask` is 1 exactly on
     the completion tokens and the EOS. BOS is added only if `add_bos` and the
-    tokenizer has one. Message lists are rendered with the chat template first
-    (see `render_conversation`); prompt and completion must both be strings or
-    both be message lists.
+    tokenizer has one.
+
+    Message lists are rendered with the chat template first (see
+    `render_conversation`); prompt and completion must both be strings or both
+    be message lists. The rendered text keeps the template's special tokens,
+    except that a leading BOS it wrote is replaced by the `add_bos` rule above,
+    and the EOS is appended only if the rendered completion holds none (the
+    template usually ends the assistant turn with it).
 
     Truncation, in order:
       1. the prompt to `max_prompt_length` tokens (BOS not counted):
@@ -135,11 +143,17 @@ def tokenize_prompt_completion(
     if _is_conversation(prompt) != _is_conversation(completion):
         raise DataError("prompt and completion must both be strings or both be "
                         "message lists", reason="wrong_type")
-    if _is_conversation(prompt):
+    conversation = _is_conversation(prompt)
+    if conversation:
         prompt, completion = render_conversation(prompt, completion, tokenizer)
 
-    prefix = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    bos_id = tokenizer.bos_id
+    prefix = [bos_id] if add_bos and bos_id is not None else []
     prompt_ids = list(tokenizer.encode(prompt))
+    if bos_id is not None and prompt_ids[:1] == [bos_id]:
+        # The chat template wrote a BOS; `add_bos` alone decides whether one is
+        # kept, so it is never doubled (nor lost to prompt truncation).
+        prompt_ids = prompt_ids[1:]
     if max_prompt_length is not None:
         prompt_ids = _truncate(prompt_ids, max_prompt_length, truncation)
     n_context = len(prefix) + len(prompt_ids)
@@ -148,7 +162,10 @@ def tokenize_prompt_completion(
             f"prompt is {n_context} tokens (with BOS), which leaves no room for "
             f"the completion within max_length={max_length}; set "
             f"max_prompt_length below max_length or skip such rows")
-    completion_ids = list(tokenizer.encode(completion)) + [tokenizer.eos_id]
+    completion_ids = list(tokenizer.encode(completion))
+    if not conversation or tokenizer.eos_id not in completion_ids:
+        # A chat template usually ends the assistant turn itself.
+        completion_ids.append(tokenizer.eos_id)
 
     tokens = np.asarray(prefix + prompt_ids + completion_ids,
                         dtype=np.int32)[:max_length]
