@@ -36,24 +36,7 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_state: Any
         saved = manager.item_metadata(step)["state"]
     except Exception:  # metadata unavailable: let the restore itself report
         return
-    saved_flat = {jax.tree_util.keystr(k): v for k, v in
-                  jax.tree_util.tree_flatten_with_path(saved)[0]}
-    want_flat = {jax.tree_util.keystr(k): v for k, v in
-                 jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-    missing = sorted(set(want_flat) - set(saved_flat))
-    extra = sorted(set(saved_flat) - set(want_flat))
-    if missing or extra:
-        raise CheckpointMismatchError(
-            f"{where} (step {step}) holds a checkpoint of another model: "
-            f"missing {missing[:3]}, unexpected {extra[:3]}. Use a fresh --workdir or the "
-            "model config that wrote it.")
-    for key, want in want_flat.items():
-        got = getattr(saved_flat[key], "shape", None)
-        if got is not None and tuple(got) != tuple(np.shape(want)):
-            raise CheckpointMismatchError(
-                f"{where} (step {step}) holds a checkpoint of another model shape: "
-                f"state{key} is {tuple(got)} there but {tuple(np.shape(want))} in this config. "
-                "Use a fresh --workdir or the model config that wrote it.")
+    _compare_trees(saved, abstract_state, f"{where} (step {step})")
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator=None, *,
@@ -71,3 +54,47 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator=N
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     return step, restored["state"]
+
+
+def save_params(path: str, params: Any) -> None:
+    """Writes a parameter tree alone (the stage's model, for later stages / export)."""
+    path = os.path.abspath(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, params, force=True)
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+    """Reads a tree written by `save_params` onto the shardings in `abstract_params`."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no saved model at {path} (expected a directory written by "
+                                "jalign.checkpoint.save_params, e.g. an earlier stage's final_params)")
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            saved = checkpointer.metadata(path)
+            saved_tree = getattr(saved, "item_metadata", saved)
+            saved_tree = getattr(saved_tree, "tree", saved_tree)
+            _compare_trees(saved_tree, abstract_params, path)
+        except CheckpointMismatchError:
+            raise
+        except Exception:  # metadata layout differs across orbax versions: restore reports
+            pass
+        return checkpointer.restore(path, abstract_params)
+
+
+def _compare_trees(saved: Any, want: Any, where: str) -> None:
+    saved_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    want_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+    missing = sorted(set(want_flat) - set(saved_flat))
+    extra = sorted(set(saved_flat) - set(want_flat))
+    if missing or extra:
+        raise CheckpointMismatchError(
+            f"{where} holds a checkpoint of another model: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}. Use a fresh --workdir or the model config that wrote it.")
+    for key, w in want_flat.items():
+        got = getattr(saved_flat[key], "shape", None)
+        if got is not None and tuple(got) != tuple(np.shape(w)):
+            raise CheckpointMismatchError(
+                f"{where} holds a checkpoint of another model shape: {key} is {tuple(got)} "
+                f"there but {tuple(np.shape(w))} in this config. Use a fresh --workdir or the "
+                "model config that wrote it.")

@@ -13,7 +13,6 @@ import ml_collections
 
 from jalign.models.config import PRESETS, ModelConfig
 
-ALGOS = ("sft",)
 
 
 def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
@@ -28,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.algo = "sft"
     c.seed = 0
+    c.init_from = ""             # a saved model (an earlier stage's WORKDIR/final_params)
     c.model = model_config("tiny")
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.logical_axis_rules = ml_collections.FieldReference(None, field_type=list)
@@ -41,7 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
         task="sort",             # built-in task name (jalign.tasks.TASKS)
         path="",                 # file or comma-separated files for jsonl/parquet
         tokenizer="",            # "" = the built-in character tokenizer, else a tokenizer.json / folder
+        eval_path="",            # held-out preference file(s) for jsonl/parquet sources
         num_train_examples=4096,
+        num_eval_pairs=256,      # built-in tasks: held-out pairs (clean labels) for accuracy
+        label_noise=0.0,         # built-in tasks: fraction of flipped preference labels
+        length_bias=0.0,         # built-in tasks: labeller's preference for longer answers
         demo_quality=1.0,        # built-in tasks: fraction of perfect demonstrations
         batch_size=32,           # global batch (sequences, or packed rows)
         max_length=64,
@@ -56,9 +60,24 @@ def base_config() -> ml_collections.ConfigDict:
         checkpoint_every=100, keep_checkpoints=3, async_checkpointing=True,
         logprob_impl="auto"))
 
+    c.dpo = ml_collections.ConfigDict(dict(
+        loss_type="sigmoid",     # any of jalign.losses.LOSS_TYPES, "a,b,c" to mix, or simpo/cpo/orpo/rdpo
+        loss_weights=ml_collections.FieldReference(None, field_type=list),
+        beta=0.1, label_smoothing=0.0, f_divergence="reverse_kl", f_alpha=0.5,
+        simpo_gamma=0.5, cpo_alpha=1.0, rdpo_alpha=0.0,
+        desirable_weight=1.0, undesirable_weight=1.0,   # KTO
+        reference="params",      # "params" (frozen tree) or "precomputed" (stored next to the data)
+        ref_sync_every=0, ref_sync_mixup=0.6,           # TR-DPO
+    ))
+    c.reward = ml_collections.ConfigDict(dict(center_rewards_coefficient=0.01))
+
     c.eval = ml_collections.ConfigDict(dict(
         num_prompts=128, max_new_tokens=24, temperature=1.0, batch_size=64, kl_to_start=True))
+    # Multi-stage runs (jalign.pipeline): stages="sft,reward,dpo" and per-stage
+    # overrides in the config's own shape, e.g. pipeline.dpo.train.num_steps.
+    c.pipeline = ml_collections.ConfigDict({"stages": ""})
     c.lock()
+    c.pipeline.unlock()
     return c
 
 
@@ -82,11 +101,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 hint = difflib.get_close_matches(key, list(ref.keys()), n=1)
                 extra = f" (did you mean {prefix}{hint[0]!r}?)" if hint else ""
                 raise ValueError(f"unknown config key {prefix}{key!r}{extra}")
-            if isinstance(ref[key], ml_collections.ConfigDict) and key != "model":
+            if isinstance(ref[key], ml_collections.ConfigDict) and key not in ("model", "pipeline"):
                 walk(cfg[key], ref[key], f"{prefix}{key}.")
 
     walk(config, reference, "")
-    _check_choice(config, "algo", ALGOS)
+    from jalign.algorithms import ALGOS
+    if config.pipeline.stages:
+        for stage in config.pipeline.stages.split(","):
+            if stage.strip() not in ALGOS:
+                raise ValueError(f"config.pipeline.stages: {stage.strip()!r} is not an algorithm; "
+                                 f"valid: {list(ALGOS)}")
+    else:
+        _check_choice(config, "algo", ALGOS)
+    _check_choice(config, "dpo.reference", ("params", "precomputed"))
     _check_choice(config, "data.source", ("task", "jsonl", "parquet"))
     _check_choice(config, "data.truncation", ("keep_end", "keep_start"))
     _check_choice(config, "data.on_bad_row", ("raise", "skip"))

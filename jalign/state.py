@@ -12,6 +12,9 @@ import jax
 class TrainState:
     """Everything a step needs and a checkpoint saves.
 
+    `frozen` holds trees that are used but not trained (e.g. {"reference": params}
+    for DPO): sharded like the params, with no optimizer state.
+
     The RNG for step k is `jax.random.fold_in(rng, step)`, derived from the state,
     so a resumed run draws the same randomness as an uninterrupted one.
     """
@@ -20,6 +23,7 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+    frozen: Any = None
 
     def step_rng(self) -> jax.Array:
         return jax.random.fold_in(self.rng, self.step)

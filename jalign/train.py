@@ -33,34 +33,42 @@ from jalign.optim import make_optimizer
 from jalign.state import TrainState
 
 
-def _boxed_init_fn(model_cfg: ModelConfig, optimizer, seed: int):
+def decoder_init_fn(model_cfg: ModelConfig):
+    """rng -> decoder params boxed with their logical axis names."""
     def init(rng):
-        dummy = jnp.zeros((1, 8), jnp.int32)
-        params = Decoder(model_cfg).init(rng, dummy)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed + 1))
+        return Decoder(model_cfg).init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
     return init
 
 
-def init_train_state(model_cfg: ModelConfig, optimizer, mesh, rules, *, seed: int,
-                     params: Any = None):
+def init_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
+                     load_params=None, with_reference: bool = False):
     """Creates the train state already sharded (the full model never sits on one device).
 
-    Returns (state, state_shardings). If `params` is given (e.g. from an earlier
-    stage), they are used instead of a fresh initialisation.
+    `params_init_fn(rng)` returns logically-annotated (boxed) params, e.g.
+    `decoder_init_fn(model_cfg)`. `load_params(abstract_params)`, if given, returns
+    starting params (a dict whose top-level entries replace the fresh ones; None
+    keeps the fresh entry) placed on the shardings of `abstract_params`, e.g. an
+    earlier stage's model. With `with_reference`, a frozen copy of the starting
+    params is kept in `state.frozen["reference"]`, sharded like the policy, with
+    no optimizer state. Returns (state, state_shardings).
     """
-    boxed_init = _boxed_init_fn(model_cfg, optimizer, seed)
-    abstract = jax.eval_shape(boxed_init, jax.random.PRNGKey(seed))
+    def state_from_params(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed + 1),
+                          frozen={"reference": params} if with_reference else None)
+
+    key = jax.random.PRNGKey(seed)
+    abstract = jax.eval_shape(lambda r: state_from_params(params_init_fn(r)), key)
     shardings = shd.logical_shardings(abstract, mesh, rules)
-
-    def init(rng):
-        state = nn.meta.unbox(boxed_init(rng))
-        if params is not None:
-            state = state.replace(params=params, opt_state=optimizer.init(params))
-        return state
-
-    with jax.sharding.use_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda r: nn.meta.unbox(state_from_params(params_init_fn(r))),
+                        out_shardings=shardings)(key)
+        if load_params is not None:
+            abstract_params = _abstract_with_shardings(state.params, shardings.params)
+            loaded = load_params(abstract_params)
+            params = {**state.params, **{k: v for k, v in loaded.items() if v is not None}}
+            state = jax.jit(state_from_params, in_shardings=(shardings.params,),
+                            out_shardings=shardings)(params)
     return state, shardings
 
 
@@ -80,6 +88,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     Returns the summary dict (also written to WORKDIR/summary.json).
     """
     validate_config(config)
+    if config.pipeline.stages:
+        from jalign.pipeline import run_pipeline
+        return run_pipeline(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     mesh = shd.make_mesh(config.mesh)
     rules = shd.rules_from_config(config.get("logical_axis_rules"))
@@ -89,13 +100,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     train_cfg = config.train
     optimizer, schedule = make_optimizer(config.optimizer, train_cfg.num_steps)
-    state, state_shardings = init_train_state(model_cfg, optimizer, mesh, rules, seed=config.seed,
-                                              params=setup.init_params)
+    state, state_shardings = init_train_state(
+        setup.params_init_fn or decoder_init_fn(model_cfg), optimizer, mesh, rules,
+        seed=config.seed, load_params=setup.load_params, with_reference=setup.with_reference)
     step_fn = algo.make_step(config, model_cfg, optimizer, schedule, setup)
     batch_sharding = shd.data_sharding(mesh, rules)
     p_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
+    if setup.prepare is not None:
+        setup.prepare(state.params)  # e.g. a precompute pass over the data with the start params
     dataset = setup.dataset(jax.process_index(), jax.process_count())
     data_iter = iter(dataset)
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
@@ -125,7 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     progress = ProgressBar(num_steps, start_step, enabled=is_main)
     pending = None  # metrics of the previous step, fetched one step late (no stall)
     tokens_since, time_since = 0.0, time.perf_counter()
-    with jax.sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step in range(start_step, num_steps):
             batch = _device_batch(next(data_iter), batch_sharding)
             state, metrics = p_step(state, batch)
@@ -146,6 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             _report(pending, writer, progress, train_cfg, tokens_since, time_since)
     manager.wait_until_finished()
     progress.close()
+    ckpt.save_params(os.path.join(workdir, "final_params"), state.params)
     summary = setup.summarize(evals, writer.last_metrics) if setup.summarize else {
         "evals": evals, "final_metrics": writer.last_metrics}
     if is_main:
@@ -180,7 +195,8 @@ def _report(pending, writer, progress, train_cfg, tokens_since, time_since):
 
 def main(argv):
     del argv
-    from absl import flags  # imported here so library users never parse flags
+    from absl import flags, logging  # imported here so library users never parse flags
+    logging.set_verbosity(logging.WARNING)  # Orbax/absl INFO lines drown the progress bar
     config = flags.FLAGS.config
     run(config, flags.FLAGS.workdir)
 

@@ -7,6 +7,14 @@ from jalign.data.pipeline import (
     pack_and_batch,
     pad_batch,
 )
+from jalign.data.preference import (
+    load_preference_records,
+    make_preference_dataset,
+    make_unpaired_dataset,
+    preference_records_from_dicts,
+    tokenize_preference_pair,
+    validate_preference_record,
+)
 from jalign.data.sft import (
     PromptTooLongError,
     TokenizerLike,
@@ -28,12 +36,18 @@ __all__ = [
     "TokenizerLike",
     "default_bucket_boundaries",
     "epoch_dataset",
+    "load_preference_records",
     "load_records",
+    "make_preference_dataset",
     "make_sft_dataset",
+    "make_unpaired_dataset",
     "pack_and_batch",
     "pad_batch",
+    "preference_records_from_dicts",
     "records_from_dicts",
     "render_conversation",
+    "tokenize_preference_pair",
     "tokenize_prompt_completion",
+    "validate_preference_record",
     "validate_record",
 ]

@@ -39,6 +39,10 @@ from jalign.data.sources import ON_BAD_ROW, ORIGIN_KEY, DataError, SkipReport
 # Skip counting happens in grain's reader threads.
 _REPORT_LOCK = threading.Lock()
 
+# Tokenising is light: two reader threads keep up on small machines without
+# oversubscribing the cores the train step needs.
+DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
+
 
 def default_bucket_boundaries(max_length: int, *, smallest: int = 64) -> tuple[int, ...]:
     """Powers of two from `smallest` below `max_length`, then `max_length`."""
@@ -281,7 +285,7 @@ def make_sft_dataset(
                       shard_index=shard_index, shard_count=shard_count)
         .map(tokenize)
         # Records skipped by `tokenize` are None; to_iter_dataset drops them.
-        .to_iter_dataset(read_options)
+        .to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
     )
     if packing:
         return pack_and_batch(examples, batch_size=batch_size,

@@ -114,7 +114,7 @@ def _forward(hidden_NxH, unembed_HxV, targets_N, cfg: ChunkedConfig):
         lse_b = max_b + log_sum_b
         logp_b = jnp.where(valid_targets(tgt_b, vocab), target_b - lse_b, 0.0)
         entropy_b = log_sum_b - plogit_b / sum_b if cfg.with_entropy else None
-        return None, (logp_b, lse_b, entropy_b)
+        return None, (logp_b, lse_b, entropy_b, max_b)
 
     _, outs = _blocked_loop(token_block, None, n_tokens, block_t)
     return outs
@@ -135,6 +135,9 @@ def _backward(hidden_NxH, unembed_HxV, targets_N, lse_N, entropy_N,
 
     def token_block(dw_HxV, t_start, t_size):
         h_bxH = lax.dynamic_slice_in_dim(hidden_NxH, t_start, t_size, axis=0)
+        # A materialised [H, b] copy feeds dW = h^T dz as a plain matmul, which
+        # XLA:CPU runs through its fast library path; the transposed form does not.
+        h_Hxb = h_bxH.T
         tok = [lax.dynamic_slice_in_dim(x, t_start, t_size, axis=0) for x in per_token]
         tgt_b, lse_b, g_logp_b, g_lse_b = tok[:4]
 
@@ -160,7 +163,7 @@ def _backward(hidden_NxH, unembed_HxV, targets_N, lse_N, entropy_N,
                 dz_bxv, w_Hxv, (((1,), (1,)), ((), ())),
                 preferred_element_type=jnp.float32)
             dw_tile_Hxv = lax.dot_general(
-                h_bxH, dz_bxv, (((0,), (0,)), ((), ())),
+                h_Hxb, dz_bxv, (((1,), (0,)), ((), ())),
                 preferred_element_type=jnp.float32)
             old_Hxv = lax.dynamic_slice_in_dim(dw_HxV, v_start, v_size, axis=1)
             dw_HxV = lax.dynamic_update_slice_in_dim(
@@ -178,21 +181,23 @@ def _backward(hidden_NxH, unembed_HxV, targets_N, lse_N, entropy_N,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(hidden_NxH, unembed_HxV, targets_N, cfg: ChunkedConfig):
-    logp_N, lse_N, entropy_N = _forward(hidden_NxH, unembed_HxV, targets_N, cfg)
-    return (logp_N, lse_N, entropy_N) if cfg.with_entropy else (logp_N, lse_N)
+    logp_N, lse_N, entropy_N, max_N = _forward(hidden_NxH, unembed_HxV, targets_N, cfg)
+    return (logp_N, lse_N, max_N, entropy_N) if cfg.with_entropy else (logp_N, lse_N, max_N)
 
 
 def _fused_fwd(hidden_NxH, unembed_HxV, targets_N, cfg: ChunkedConfig):
-    logp_N, lse_N, entropy_N = _forward(hidden_NxH, unembed_HxV, targets_N, cfg)
+    logp_N, lse_N, entropy_N, max_N = _forward(hidden_NxH, unembed_HxV, targets_N, cfg)
     residuals = (hidden_NxH, unembed_HxV, targets_N, lse_N, entropy_N)
-    outs = (logp_N, lse_N, entropy_N) if cfg.with_entropy else (logp_N, lse_N)
+    outs = (logp_N, lse_N, max_N, entropy_N) if cfg.with_entropy else (logp_N, lse_N, max_N)
     return outs, residuals
 
 
 def _fused_bwd(cfg: ChunkedConfig, residuals, cotangents):
     hidden_NxH, unembed_HxV, targets_N, lse_N, entropy_N = residuals
+    # cotangents[2] belongs to the max logit, which is not differentiated (the
+    # public wrapper stops its gradient).
     g_logp_N, g_lse_N = cotangents[0], cotangents[1]
-    g_entropy_N = cotangents[2] if cfg.with_entropy else None
+    g_entropy_N = cotangents[3] if cfg.with_entropy else None
     dh_NxH, dw_HxV = _backward(hidden_NxH, unembed_HxV, targets_N, lse_N, entropy_N,
                                g_logp_N, g_lse_N, g_entropy_N, cfg)
     return dh_NxH, dw_HxV, None
@@ -204,12 +209,12 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def token_logprobs_chunked(hidden_NxH, unembed_HxV, targets_N, *, temperature: float,
                            logit_softcap: float | None, with_entropy: bool,
                            block_tokens: int, block_vocab: int):
-    """Returns (logps_N, lse_N, entropy_N or None), all float32."""
+    """Returns (logps_N, lse_N, entropy_N or None, max_logit_N), all float32."""
     cfg = ChunkedConfig(temperature=float(temperature),
                         logit_softcap=None if logit_softcap is None else float(logit_softcap),
                         block_tokens=int(block_tokens), block_vocab=int(block_vocab),
                         with_entropy=bool(with_entropy))
     outs = _fused(hidden_NxH, unembed_HxV, targets_N, cfg)
     if with_entropy:
-        return outs
-    return outs[0], outs[1], None
+        return outs[0], outs[1], outs[3], outs[2]
+    return outs[0], outs[1], None, outs[2]

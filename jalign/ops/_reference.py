@@ -36,7 +36,7 @@ def valid_targets(targets_N, vocab_size: int):
 
 def token_logprobs_xla(hidden_NxH, unembed_HxV, targets_N, *, temperature: float,
                        logit_softcap: float | None, with_entropy: bool):
-    """Returns (logps_N, lse_N, entropy_N or None), all float32."""
+    """Returns (logps_N, lse_N, entropy_N or None, max_logit_N), all float32."""
     vocab_size = unembed_HxV.shape[1]
     logits_NxV = transform_logits(project_logits(hidden_NxH, unembed_HxV),
                                   temperature, logit_softcap)
@@ -49,4 +49,4 @@ def token_logprobs_xla(hidden_NxH, unembed_HxV, targets_N, *, temperature: float
     entropy_N = None
     if with_entropy:
         entropy_N = -jnp.sum(jnp.exp(logprobs_NxV) * logprobs_NxV, axis=-1)
-    return logps_N, lse_N, entropy_N
+    return logps_N, lse_N, entropy_N, jnp.max(logits_NxV, axis=-1)

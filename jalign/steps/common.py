@@ -25,16 +25,16 @@ def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.A
                                          batch.get("positions"), batch.get("segment_ids"))
     targets_BxT = batch["tokens"][:, 1:]
     mask_BxT = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    out = token_logprobs(hidden_BxTxH[:, :-1], unembedding(params, config), targets_BxT,
-                         return_entropy=with_stats, return_max_logit=with_stats,
-                         return_lse=with_stats, impl=logprob_impl)
     if not with_stats:
-        return out, mask_BxT
-    logps_BxT, extras = out
+        return token_logprobs(hidden_BxTxH[:, :-1], unembedding(params, config), targets_BxT,
+                              impl=logprob_impl), mask_BxT
+    out = token_logprobs(hidden_BxTxH[:, :-1], unembedding(params, config), targets_BxT,
+                         return_entropy=True, return_max_logit=True, return_lse=True,
+                         impl=logprob_impl)
     # The target is the arg-max exactly when its logit equals the maximum logit,
     # i.e. log p(target) == max_logit - lse (up to float rounding).
-    is_argmax_BxT = logps_BxT >= (extras["max_logit"] - extras["lse"]) - 1e-5
-    return logps_BxT, mask_BxT, {"entropy": extras["entropy"], "is_argmax": is_argmax_BxT}
+    is_argmax_BxT = out.logps >= (out.max_logit - out.lse) - 1e-5
+    return out.logps, mask_BxT, {"entropy": out.entropy, "is_argmax": is_argmax_BxT}
 
 
 def split_microbatches(batch: Mapping[str, jax.Array], num: int) -> dict[str, jax.Array]:

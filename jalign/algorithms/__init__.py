@@ -1,0 +1,34 @@
+"""What each algorithm brings to the one training loop: data, step, evaluation.
+
+An `AlgorithmSetup` is built from the config before training; the loop in
+jalign.train is the same for every algorithm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from jalign.algorithms import preference, sft
+from jalign.algorithms.common import AlgorithmSetup
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    setup: Callable[..., AlgorithmSetup]
+    make_step: Callable[..., Callable]
+
+
+_ALGORITHMS = {
+    "sft": Algorithm(sft.setup, sft.make_step),
+    "reward": Algorithm(preference.reward_setup, preference.reward_step),
+    "dpo": Algorithm(preference.dpo_setup, preference.dpo_step),
+    "kto": Algorithm(preference.kto_setup, preference.kto_step),
+}
+ALGOS = tuple(_ALGORITHMS)
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in _ALGORITHMS:
+        raise ValueError(f"config.algo {name!r} is not known; valid: {sorted(_ALGORITHMS)}")
+    return _ALGORITHMS[name]

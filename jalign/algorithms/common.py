@@ -1,0 +1,81 @@
+"""Pieces every algorithm setup uses: the setup record, tokenizer, task evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from jalign.models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class AlgorithmSetup:
+    tokenizer: Any
+    dataset: Callable[[int, int], Any]          # (process_index, process_count) -> grain IterDataset
+    params_init_fn: Callable | None = None       # rng -> boxed params (None = the decoder)
+    load_params: Callable | None = None          # abstract params -> starting params
+    with_reference: bool = False                 # keep a frozen copy as state.frozen["reference"]
+    evaluate: Callable[..., dict] | None = None  # (params, start_params) -> metrics
+    summarize: Callable[..., dict] | None = None
+    prepare: Callable[..., None] | None = None   # (start_params) -> None, before data is read
+
+
+def load_tokenizer(config):
+    from jalign.tokenizer import Tokenizer, builtin_tokenizer
+    return Tokenizer.from_file(config.data.tokenizer) if config.data.tokenizer else builtin_tokenizer()
+
+
+def check_vocab(model_cfg: ModelConfig, tokenizer) -> None:
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"config.model.vocab_size ({model_cfg.vocab_size}) is smaller than the "
+                         f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+
+
+def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
+    """Held-out gold reward, KL to the starting policy and completion length on a task."""
+    if task is None:
+        return None
+    from jalign.evaluate import evaluate_policy
+    prompts = task.prompts(config.eval.num_prompts, seed=config.seed + 1, split="eval")
+
+    def evaluate(params, start_params):
+        return evaluate_policy(params, model_cfg, tokenizer, task, prompts,
+                               max_new_tokens=config.eval.max_new_tokens, seed=config.seed,
+                               ref_params=start_params,
+                               batch_size=config.eval.batch_size,
+                               temperature=config.eval.temperature)
+    return evaluate
+
+
+def summarize_run(name: str):
+    def summarize(evals, final_metrics):
+        out = {"algo": name, "final_metrics": final_metrics, "evals": evals}
+        if evals:
+            out["initial"], out["final"] = evals[0], evals[-1]
+            before = evals[0].get("gold_reward/greedy")
+            after = evals[-1].get("gold_reward/greedy")
+            if before is not None:
+                print(f"[{name}] held-out gold reward (greedy): before {before:.3f} -> "
+                      f"after {after:.3f}")
+        return out
+    return summarize
+
+
+
+
+def load_start_params(config, into: str | None = None):
+    """A `load_params` callable for AlgorithmSetup reading `config.init_from`.
+
+    With `into`, the saved tree is placed into that subtree (e.g. a reward model's
+    "decoder" initialised from an SFT model) and the rest is freshly initialised.
+    """
+    if not config.init_from:
+        return None
+    from jalign.checkpoint import load_params
+
+    def load(abstract_params):
+        if into is None:
+            return load_params(config.init_from, abstract_params)
+        return {**{k: None for k in abstract_params}, into: load_params(config.init_from,
+                                                                         abstract_params[into])}
+    return load

@@ -1,0 +1,165 @@
+"""Fused hidden-states -> per-token log-probs: the only place jalign forms logits.
+
+    logits = softcap((hidden @ unembed) / temperature)
+    logps[i] = logits[i, t_i] - logsumexp_j logits[i, j]
+    softcap(z) = cap * tanh(z / cap)            (when `logit_softcap` is set)
+
+The matmul runs in the inputs' dtype with float32 accumulation and output;
+everything after it is float32 (a bf16 log-sum-exp is ~0.03 nats off per token,
+enough to move PPO ratios across a 0.2 clip).
+
+Implementations (`impl=`):
+  "xla"      materialises [N, V] logits; autodiff. Reference / small vocabularies.
+  "chunked"  plain-JAX tiles with an online log-sum-exp and a custom_vjp that
+             recomputes logits tile by tile; memory O(block_tokens * block_vocab).
+  "auto"     "chunked" on every backend for now. Pallas TPU / GPU kernels slot in
+             through `_resolve_impl` and `BlockSizes.get_default`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jalign.ops._chunked import token_logprobs_chunked
+from jalign.ops._reference import token_logprobs_xla
+
+IMPLS = ("auto", "xla", "chunked")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the fused op: tokens per block and vocabulary columns per block.
+
+    Sizes larger than the problem are clamped; N and V need not be multiples.
+    """
+    block_tokens: int
+    block_vocab: int
+
+    def __post_init__(self):
+        if self.block_tokens < 1 or self.block_vocab < 1:
+            raise ValueError(f"block sizes must be positive, got {self}")
+
+    @classmethod
+    def get_default(cls, backend: str | None = None) -> "BlockSizes":
+        backend = backend or jax.default_backend()
+        if backend == "cpu":
+            # Tuned with benchmarks/logprobs.py (N=8192, H=1024, V=32k/128k, f32).
+            return cls(block_tokens=1024, block_vocab=4096)
+        # Untuned for the chunked path on accelerators; Pallas kernels bring their own.
+        return cls(block_tokens=2048, block_vocab=8192)
+
+
+class TokenLogprobs(NamedTuple):
+    """Returned when any `return_*` flag is set; unrequested fields are None.
+
+    logps:     log p(target), float32 [...]; 0 where the target is outside [0, V).
+    lse:       log-sum-exp of the (tempered, soft-capped) logits, float32 [...].
+    entropy:   -sum_v p_v log p_v, float32 [...]; differentiable.
+    max_logit: max_v of the (tempered, soft-capped) logits, float32 [...]; no gradient.
+    """
+    logps: jax.Array
+    lse: jax.Array | None
+    entropy: jax.Array | None
+    max_logit: jax.Array | None = None
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "chunked"
+    return impl
+
+
+def token_logprobs(hidden_NxH, unembed_HxV, targets_N, *, temperature: float = 1.0,
+                   logit_softcap: float | None = None, return_lse: bool = False,
+                   return_entropy: bool = False, return_max_logit: bool = False,
+                   impl: str = "auto",
+                   block_tokens: int | None = None, block_vocab: int | None = None):
+    """Log-probabilities of `targets` under softmax(softcap((hidden @ unembed) / T)).
+
+    Args:
+      hidden_NxH: [..., H] final hidden states (any float dtype, e.g. bf16).
+      unembed_HxV: [H, V] unembedding matrix.
+      targets_N: [...] integer token ids, same leading shape as `hidden_NxH`.
+        Ids outside [0, V) (e.g. -100) are ignored: their log-prob is 0 and no
+        gradient flows from it (lse / entropy are still computed for them).
+      temperature: Python float > 0 dividing the logits (static).
+      logit_softcap: None or Python float cap > 0: `cap * tanh(logits / cap)`.
+      return_lse: also return the per-token log-sum-exp.
+      return_entropy: also return the per-token entropy of the distribution.
+      return_max_logit: also return the per-token maximum (tempered, soft-capped)
+        logit, without gradient. `logps == max_logit - lse` exactly when the
+        target is the arg-max token (token accuracy without building logits).
+      impl: "auto", "xla" or "chunked" (see module docstring).
+      block_tokens, block_vocab: tile sizes for "chunked" (default:
+        `BlockSizes.get_default()` for the current backend).
+
+    Returns:
+      float32 log-probs with the leading shape of `targets_N` when neither
+      `return_lse` nor `return_entropy` is set; otherwise a `TokenLogprobs`
+      (logps, lse, entropy) with None for the fields not asked for.
+      Gradients flow to `hidden_NxH` and `unembed_HxV` in their own dtypes.
+    """
+    impl = _resolve_impl(impl)
+    hidden_NxH = jnp.asarray(hidden_NxH)
+    unembed_HxV = jnp.asarray(unembed_HxV)
+    targets_N = jnp.asarray(targets_N)
+    if unembed_HxV.ndim != 2:
+        raise ValueError(f"unembed must be [H, V], got shape {unembed_HxV.shape}")
+    if hidden_NxH.ndim < 1 or hidden_NxH.shape[-1] != unembed_HxV.shape[0]:
+        raise ValueError(
+            f"hidden's last dim must equal unembed's first dim (H): hidden "
+            f"{hidden_NxH.shape}, unembed {unembed_HxV.shape}")
+    if targets_N.shape != hidden_NxH.shape[:-1]:
+        raise ValueError(
+            f"targets shape {targets_N.shape} must equal hidden's leading dims "
+            f"{hidden_NxH.shape[:-1]}")
+    if unembed_HxV.shape[1] == 0:
+        raise ValueError("unembed has an empty vocabulary (V == 0)")
+    if not jnp.issubdtype(targets_N.dtype, jnp.integer):
+        raise ValueError(f"targets must be integers, got {targets_N.dtype}")
+    for name, x in (("hidden", hidden_NxH), ("unembed", unembed_HxV)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be None or > 0, got {logit_softcap}")
+
+    lead_shape = targets_N.shape
+    hidden_size, vocab = unembed_HxV.shape
+    # One compute dtype for the matmul; autodiff casts the cotangents back.
+    dtype = jnp.result_type(hidden_NxH.dtype, unembed_HxV.dtype)
+    h_NxH = hidden_NxH.reshape(-1, hidden_size).astype(dtype)
+    w_HxV = unembed_HxV.astype(dtype)
+    t_N = targets_N.reshape(-1)
+
+    if h_NxH.shape[0] == 0:
+        logps_N = lse_N = entropy_N = max_N = jnp.zeros((0,), jnp.float32)
+    elif impl == "xla":
+        logps_N, lse_N, entropy_N, max_N = token_logprobs_xla(
+            h_NxH, w_HxV, t_N, temperature=temperature, logit_softcap=logit_softcap,
+            with_entropy=return_entropy)
+    else:
+        default = BlockSizes.get_default()
+        blocks = BlockSizes(block_tokens or default.block_tokens,
+                            block_vocab or default.block_vocab)
+        logps_N, lse_N, entropy_N, max_N = token_logprobs_chunked(
+            h_NxH, w_HxV, t_N, temperature=temperature, logit_softcap=logit_softcap,
+            with_entropy=return_entropy, block_tokens=blocks.block_tokens,
+            block_vocab=blocks.block_vocab)
+
+    logps = logps_N.reshape(lead_shape)
+    if not (return_lse or return_entropy or return_max_logit):
+        return logps
+    return TokenLogprobs(
+        logps=logps,
+        lse=lse_N.reshape(lead_shape) if return_lse else None,
+        entropy=entropy_N.reshape(lead_shape) if return_entropy else None,
+        max_logit=(jax.lax.stop_gradient(max_N).reshape(lead_shape)
+                   if return_max_logit else None))

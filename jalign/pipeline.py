@@ -1,0 +1,114 @@
+"""Multi-stage runs (e.g. SFT -> reward model -> DPO) from one config and one command.
+
+`config.pipeline.stages = "sft,reward,dpo"` runs each stage with the one training
+loop in WORKDIR/<stage>, each later stage starting from the SFT stage's model.
+`config.pipeline.<stage>` holds that stage's overrides in the config's own shape,
+e.g. `config.pipeline.dpo.train.num_steps = 100`. The summary table (gold reward,
+preference accuracy, KL, completion length for base, SFT and the aligned models)
+is printed and written to WORKDIR/summary.json, the curves to WORKDIR/curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+COLUMNS = (("gold_reward/greedy", "gold (greedy)"), ("gold_reward/sampled", "gold (sampled)"),
+           ("accuracy", "pref. acc."), ("kl/ref", "KL to start"),
+           ("completions/mean_length", "length"))
+
+
+def _merge(target: ml_collections.ConfigDict, overrides: Any, prefix: str) -> None:
+    for key, value in overrides.items():
+        if key not in target:
+            raise ValueError(f"config.pipeline.{prefix}{key} overrides an unknown key")
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            _merge(target[key], value, f"{prefix}{key}.")
+        else:
+            target[key] = value
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str, init_from: str):
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.pipeline.stages = ""
+    cfg.algo = stage
+    cfg.init_from = init_from
+    overrides = config.pipeline.get(stage)
+    if overrides:
+        _merge(cfg, overrides.to_dict(), f"{stage}.")
+    for key in list(cfg.pipeline.keys()):
+        if key != "stages":
+            del cfg.pipeline[key]
+    return cfg
+
+
+def _row(summary: dict, which: str) -> dict[str, float]:
+    entry = dict(summary.get(which) or {})
+    for key in ("eval/rewards/accuracies", "eval/accuracy"):
+        if key in entry:
+            entry["accuracy"] = entry[key]
+    return {k: entry[k] for k, _ in COLUMNS if k in entry}
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    header = f"{'model':<10}" + "".join(f"{title:>16}" for _, title in COLUMNS)
+    lines = [header, "-" * len(header)]
+    for name, row in rows.items():
+        cells = "".join(f"{row[k]:>16.3f}" if k in row else f"{'-':>16}" for k, _ in COLUMNS)
+        lines.append(f"{name:<10}{cells}")
+    return "\n".join(lines)
+
+
+def plot_curves(workdir: str, stages: list[str], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = {"sft": ["loss"], "reward": ["loss", "accuracy"], "dpo": ["loss", "rewards/margins"],
+            "kto": ["loss", "rewards/margins"]}
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        path_metrics = os.path.join(workdir, stage, "metrics.jsonl")
+        if not os.path.exists(path_metrics):
+            continue
+        records = [json.loads(line) for line in open(path_metrics) if line.strip()]
+        for key in keys.get(stage, ["loss"]):
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), label=key)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    from jalign.train import run  # the one training loop
+
+    stages = [s.strip() for s in config.pipeline.stages.split(",") if s.strip()]
+    os.makedirs(workdir, exist_ok=True)
+    summaries: dict[str, Any] = {}
+    start_model = config.init_from
+    for stage in stages:
+        print(f"=== stage {stage} ===")
+        summaries[stage] = run(stage_config(config, stage, start_model), os.path.join(workdir, stage))
+        if stage == "sft":
+            start_model = os.path.join(workdir, "sft", "final_params")
+
+    rows = {}
+    if "sft" in summaries:
+        rows["base"] = _row(summaries["sft"], "initial")
+    for stage, summary in summaries.items():
+        rows[stage] = _row(summary, "final")
+    table = format_table(rows)
+    print(table)
+    plot_curves(workdir, stages, os.path.join(workdir, "curves.png"))
+    out = {"stages": summaries, "table": rows}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return out

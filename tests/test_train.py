@@ -1,0 +1,122 @@
+"""The training entry point end to end: quickstart, kill-and-resume, actionable errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jalign import sharding as shd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+
+
+def _train_cmd(workdir, *overrides, config="configs/quickstart.py:test"):
+    return [sys.executable, "-m", "jalign.train", f"--config={config}", f"--workdir={workdir}",
+            *overrides]
+
+
+def _run(workdir, *overrides, check=True):
+    proc = subprocess.run(_train_cmd(workdir, *overrides), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_quickstart_test_variant_writes_outputs(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = _run(workdir)
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert summary["initial"]["step"] == 0 and summary["final"]["step"] == 6
+    for key in ("gold_reward/greedy", "gold_reward/sampled", "kl/ref", "completions/mean_length"):
+        assert np.isfinite(summary["final"][key]), key
+    metrics = _metrics(workdir)
+    assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "num_tokens", "mean_token_accuracy", "entropy", "grad_norm",
+                "learning_rate", "tokens_per_second"):
+        assert key in metrics[6], key
+    assert "held-out gold reward" in proc.stdout
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    overrides = ["--config.train.num_steps=300", "--config.train.checkpoint_every=25",
+                 "--config.train.eval_every=0", "--config.train.eval_at_start=False",
+                 "--config.train.log_every=1", "--config.train.async_checkpointing=False"]
+    full = str(tmp_path / "full")
+    _run(full, *overrides)
+    reference = _metrics(full)
+
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen(_train_cmd(killed, *overrides), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = os.path.join(killed, "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+        if steps and max(steps) >= 50:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "summary.json"))
+
+    resumed = _run(killed, *overrides)
+    start = int(resumed.stdout.split("at step ")[1].split(".")[0])
+    assert 50 <= start < 300
+    after = _metrics(killed)
+    assert sorted(after) == list(range(1, 301))
+    for step in range(start + 1, 301):
+        for key in ("loss", "grad_norm", "mean_token_accuracy"):
+            np.testing.assert_allclose(after[step][key], reference[step][key], rtol=1e-6,
+                                       err_msg=f"step {step} {key}")
+
+
+def test_config_typo_is_named(tmp_path):
+    proc = _run(str(tmp_path / "w"), "--config.train.num_stesp=3", check=False)
+    assert proc.returncode != 0
+    assert "num_stesp" in proc.stderr
+
+
+def test_checkpoint_of_another_model_shape_is_named(tmp_path):
+    workdir = str(tmp_path / "w")
+    _run(workdir, "--config.train.eval_every=0", "--config.train.eval_at_start=False")
+    proc = _run(workdir, "--config.model.hidden_size=64", "--config.model.intermediate_size=96",
+                "--config.train.num_steps=8", check=False)
+    assert proc.returncode != 0
+    assert "another model shape" in proc.stderr and "embed" in proc.stderr
+
+
+def test_mesh_that_does_not_divide_devices():
+    with pytest.raises(ValueError, match=r"needs 3 devices but 8 are available"):
+        shd.make_mesh({"data": 3, "fsdp": 1}, jax.devices()[:8])
+    with pytest.raises(ValueError, match=r"do not divide the 8"):
+        shd.make_mesh({"data": 3, "fsdp": -1}, jax.devices()[:8])
+    mesh = shd.make_mesh({"data": 2, "fsdp": -1}, jax.devices()[:8])
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_non_finite_loss_names_the_step():
+    from jalign.logging_utils import MetricsWriter, ProgressBar
+    from jalign.train import _report
+
+    class Cfg(dict):
+        __getattr__ = dict.__getitem__
+
+    writer = MetricsWriter("/tmp", enabled=False)
+    with pytest.raises(FloatingPointError, match="step 17: loss is nan"):
+        _report((17, {"loss": np.float32("nan")}), writer, ProgressBar(20, 0, enabled=False),
+                Cfg(log_every=1, num_steps=20), 0.0, 0.0)
