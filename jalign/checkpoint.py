@@ -82,9 +82,25 @@ def load_params(path: str, abstract_params: Any) -> Any:
         return checkpointer.restore(path, abstract_params)
 
 
+def _path_name(path) -> str:
+    """'params/layers/attn/q_proj' whatever the containers (dicts, dataclasses, tuples)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _compare_trees(saved: Any, want: Any, where: str) -> None:
-    saved_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    want_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+    saved_flat, want_flat = _flat(saved), _flat(want)
     missing = sorted(set(want_flat) - set(saved_flat))
     extra = sorted(set(saved_flat) - set(want_flat))
     if missing or extra:

@@ -155,6 +155,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 writer.write_eval(result)
                 progress.write(f"step {done} eval: {_fmt(result)}")
             if done % train_cfg.checkpoint_every == 0 or done == num_steps:
+                # Log everything up to this step first: a checkpoint at step N means
+                # the metrics of steps <= N are on disk.
+                tokens_since, time_since = _report(pending, writer, progress, train_cfg,
+                                                   tokens_since, time_since)
+                pending = None
                 ckpt.save(manager, done, state, data_iter)
         if pending is not None:
             _report(pending, writer, progress, train_cfg, tokens_since, time_since)

@@ -17,14 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
 
 
-def _train_cmd(workdir, *overrides, config="configs/quickstart.py:test"):
+def _train_cmd(workdir, *overrides, config="configs/quickstart.py:sft,test"):
     return [sys.executable, "-m", "jalign.train", f"--config={config}", f"--workdir={workdir}",
             *overrides]
 
 
-def _run(workdir, *overrides, check=True):
-    proc = subprocess.run(_train_cmd(workdir, *overrides), cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+def _run(workdir, *overrides, check=True, config="configs/quickstart.py:sft,test"):
+    proc = subprocess.run(_train_cmd(workdir, *overrides, config=config), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -49,6 +49,19 @@ def test_quickstart_test_variant_writes_outputs(tmp_path):
         assert key in metrics[6], key
     assert "held-out gold reward" in proc.stdout
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_quickstart_pipeline_runs_all_stages(tmp_path):
+    workdir = str(tmp_path / "pipe")
+    proc = _run(workdir, config="configs/quickstart.py:test")
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert set(summary["table"]) == {"base", "sft", "reward", "dpo"}
+    assert "pref. acc." in proc.stdout
+    dpo = _metrics(os.path.join(workdir, "dpo"))
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert np.isfinite(dpo[4][key]), key
+    assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path):

@@ -67,7 +67,8 @@ def make_reward_step(config: ModelConfig, optimizer: optax.GradientTransformatio
         scores = sequence_scores(params, config, batch, 2 * num_pairs)
         kwargs = {"margin": batch["margin"]} if "margin" in batch else {}
         losses, metrics = loss_fn(scores[0::2], scores[1::2], **kwargs)
-        return _pair_mean(losses, batch["pair_mask"]), metrics
+        num_tokens = (batch["segment_ids"] > 0).sum().astype(jnp.float32)
+        return _pair_mean(losses, batch["pair_mask"]), dict(metrics, num_tokens=num_tokens)
 
     def step(state: TrainState, batch):
         (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch)
