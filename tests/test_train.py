@@ -133,3 +133,17 @@ def test_non_finite_loss_names_the_step():
     with pytest.raises(FloatingPointError, match="step 17: loss is nan"):
         _report((17, {"loss": np.float32("nan")}), writer, ProgressBar(20, 0, enabled=False),
                 Cfg(log_every=1, num_steps=20), 0.0, 0.0)
+
+
+def test_bad_data_row_names_file_line_and_field(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "sort: 3 1\\n", "completion": "1 3"}\n'
+                    '{"prompt": "sort: 2 1\\n"}\n')
+    proc = _run(str(tmp_path / "w"), "--config.data.source=jsonl", f"--config.data.path={data}",
+                check=False)
+    assert proc.returncode != 0
+    assert f"{data}:2: field 'completion' is missing" in proc.stderr
+    # The same file with on_bad_row=skip trains and reports the skip.
+    proc = _run(str(tmp_path / "w2"), "--config.data.source=jsonl", f"--config.data.path={data}",
+                "--config.data.on_bad_row=skip")
+    assert "missing_field" in proc.stdout or "missing" in proc.stdout
