@@ -70,12 +70,34 @@ def base_config() -> ml_collections.ConfigDict:
         ref_sync_every=0, ref_sync_mixup=0.6,           # TR-DPO
     ))
     c.reward = ml_collections.ConfigDict(dict(center_rewards_coefficient=0.01))
+    c.rl = ml_collections.ConfigDict(dict(
+        group_size=8,             # completions per prompt (GRPO group / RLOO k / online-DPO pool)
+        max_new_tokens=16, temperature=1.0,
+        reward_sources="gold",    # comma list of "gold", "model", "python:module.fn"
+        reward_weights=ml_collections.FieldReference(None, field_type=list),
+        reward_model="",          # a reward stage's WORKDIR/final_params for source "model"
+        scale_rewards="group",    # GRPO: "group", "batch" or "none" (Dr. GRPO)
+        loss_aggregation="grpo",  # "grpo", "bnpo", "dr_grpo", "dapo"
+        clip_eps_low=0.2, clip_eps_high=0.2,   # DAPO clip-higher: clip_eps_high=0.28
+        kl_beta=0.0, kl_estimator="k3",
+        num_iterations=1,         # policy updates per rollout batch
+    ))
 
     c.eval = ml_collections.ConfigDict(dict(
         num_prompts=128, max_new_tokens=24, temperature=1.0, batch_size=64, kl_to_start=True))
     # Multi-stage runs (jalign.pipeline): stages="sft,reward,dpo" and per-stage
     # overrides in the config's own shape, e.g. pipeline.dpo.train.num_steps.
     c.pipeline = ml_collections.ConfigDict({"stages": ""})
+    # Multi-process start-up (jalign.distributed): unset values fall back to the
+    # JALIGN_COORDINATOR / JALIGN_NUM_PROCESSES / JALIGN_PROCESS_ID environment.
+    c.distributed = ml_collections.ConfigDict(dict(
+        mode="auto",             # "auto", "explicit", "cluster" (TPU VM / GKE / Slurm) or "off"
+        coordinator_address="",  # host:port of process 0
+        num_processes=0,         # 0 = unset
+        process_id=-1,           # -1 = unset
+        cpu_collectives="gloo",  # CPU backend collectives across processes ("gloo" or "mpi")
+        initialization_timeout=300,
+    ))
     c.lock()
     c.pipeline.unlock()
     return c

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from jalign.algorithms import preference, sft
+from jalign.algorithms import preference, rl, sft
 from jalign.algorithms.common import AlgorithmSetup
 
 
@@ -24,6 +24,9 @@ _ALGORITHMS = {
     "reward": Algorithm(preference.reward_setup, preference.reward_step),
     "dpo": Algorithm(preference.dpo_setup, preference.dpo_step),
     "kto": Algorithm(preference.kto_setup, preference.kto_step),
+    "grpo": Algorithm(rl.grpo_setup, rl.grpo_step),
+    "rloo": Algorithm(rl.grpo_setup, rl.grpo_step),
+    "online_dpo": Algorithm(rl.online_dpo_setup, rl.online_dpo_step),
 }
 ALGOS = tuple(_ALGORITHMS)
 

@@ -18,6 +18,7 @@ class AlgorithmSetup:
     evaluate: Callable[..., dict] | None = None  # (params, start_params) -> metrics
     summarize: Callable[..., dict] | None = None
     prepare: Callable[..., None] | None = None   # (start_params) -> None, before data is read
+    rollout: Callable[..., Any] | None = None    # (state, host batch) -> (train batch, metrics)
 
 
 def load_tokenizer(config):
