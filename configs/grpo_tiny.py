@@ -5,7 +5,8 @@
 
 Starts from the quickstart's SFT model (`init_from`). Variants
 (`--config=configs/grpo_tiny.py:VARIANT`): grpo (default), rloo, dr_grpo, dapo,
-online_dpo; add `,test` for a seconds-long run.
+online_dpo, ppo (PPO with a critic; set --config.rl.critic_init to a reward
+model's final_params to start the critic from it); add `,test` for a seconds-long run.
 """
 
 from jalign.config_utils import base_config
@@ -14,10 +15,10 @@ from jalign.config_utils import base_config
 def get_config(arg: str = ""):
     variants = {v for v in arg.split(",") if v}
     algo = (variants - {"test"}) or {"grpo"}
-    unknown = algo - {"grpo", "rloo", "dr_grpo", "dapo", "online_dpo"}
+    unknown = algo - {"grpo", "rloo", "dr_grpo", "dapo", "online_dpo", "ppo"}
     if unknown or len(algo) > 1:
         raise ValueError(f"configs/grpo_tiny.py: unknown variant(s) {sorted(variants)}; valid: "
-                         "grpo, rloo, dr_grpo, dapo, online_dpo (+ test)")
+                         "grpo, rloo, dr_grpo, dapo, online_dpo, ppo (+ test)")
     (algo,) = algo
     config = base_config()
     config.algo = {"dr_grpo": "grpo", "dapo": "grpo"}.get(algo, algo)
@@ -45,12 +46,17 @@ def get_config(arg: str = ""):
         config.rl.group_size = 4
         config.data.batch_size = 16
         config.rl.kl_beta = 0.05
+    elif algo == "ppo":
+        config.rl.group_size = 1
+        config.data.batch_size = 32
+        config.rl.num_iterations = 4
+        config.optimizer.learning_rate = 3e-5
     elif algo == "online_dpo":
         config.optimizer.learning_rate = 1e-4
         config.dpo.beta = 0.5
     if "test" in variants:
         config.data.batch_size = 4 if algo != "rloo" else 8
-        config.rl.group_size = 4 if algo != "rloo" else 2
+        config.rl.group_size = {"rloo": 2, "ppo": 1}.get(algo, 4)
         config.rl.max_new_tokens = 8
         config.train.num_steps = 3
         config.train.eval_every = 3

@@ -80,7 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
         loss_aggregation="grpo",  # "grpo", "bnpo", "dr_grpo", "dapo"
         clip_eps_low=0.2, clip_eps_high=0.2,   # DAPO clip-higher: clip_eps_high=0.28
         kl_beta=0.0, kl_estimator="k3",
-        num_iterations=1,         # policy updates per rollout batch
+        num_iterations=1,         # policy updates per rollout batch (PPO epochs)
+        # PPO with a critic
+        gamma=1.0, lam=0.95, vf_coef=0.1, value_clip=0.2, entropy_coef=0.0,
+        kl_coef=0.05, kl_target=0.0, kl_horizon=10000.0,   # kl_target > 0: adaptive controller
+        critic_init="",           # a reward model's final_params to start the critic from
     ))
 
     c.eval = ml_collections.ConfigDict(dict(

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from jalign import checkpoint as ckpt
+from jalign import distributed
 from jalign import sharding as shd
 from jalign.algorithms import get_algorithm
 from jalign.config_utils import validate_config
@@ -41,7 +42,8 @@ def decoder_init_fn(model_cfg: ModelConfig):
 
 
 def init_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
-                     load_params=None, with_reference: bool = False):
+                     load_params=None, with_reference: bool | str = False,
+                     frozen_extra: dict | None = None):
     """Creates the train state already sharded (the full model never sits on one device).
 
     `params_init_fn(rng)` returns logically-annotated (boxed) params, e.g.
@@ -49,13 +51,18 @@ def init_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
     starting params (a dict whose top-level entries replace the fresh ones; None
     keeps the fresh entry) placed on the shardings of `abstract_params`, e.g. an
     earlier stage's model. With `with_reference`, a frozen copy of the starting
-    params is kept in `state.frozen["reference"]`, sharded like the policy, with
-    no optimizer state. Returns (state, state_shardings).
+    params (or of their subtree `with_reference` names, e.g. "policy") is kept in
+    `state.frozen["reference"]`, sharded like the policy, with no optimizer state.
+    `frozen_extra` adds other frozen scalars/trees (e.g. an adaptive KL coefficient).
+    Returns (state, state_shardings).
     """
     def state_from_params(params):
+        frozen = dict(frozen_extra or {})
+        if with_reference:
+            frozen["reference"] = params[with_reference] if isinstance(with_reference, str) else params
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed + 1),
-                          frozen={"reference": params} if with_reference else None)
+                          frozen=frozen or None)
 
     key = jax.random.PRNGKey(seed)
     abstract = jax.eval_shape(lambda r: state_from_params(params_init_fn(r)), key)
@@ -66,10 +73,19 @@ def init_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
         if load_params is not None:
             abstract_params = _abstract_with_shardings(state.params, shardings.params)
             loaded = load_params(abstract_params)
-            params = {**state.params, **{k: v for k, v in loaded.items() if v is not None}}
+            params = _overlay(state.params, loaded)
             state = jax.jit(state_from_params, in_shardings=(shardings.params,),
                             out_shardings=shardings)(params)
     return state, shardings
+
+
+def _overlay(fresh, loaded):
+    """`loaded` where given, `fresh` where `loaded` has None (nested dicts)."""
+    if loaded is None:
+        return fresh
+    if isinstance(loaded, dict):
+        return {k: _overlay(fresh[k], loaded.get(k)) for k in fresh}
+    return loaded
 
 
 def _abstract_with_shardings(state, shardings):
@@ -88,6 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     Returns the summary dict (also written to WORKDIR/summary.json).
     """
     validate_config(config)
+    distributed.initialize(config)  # before anything touches devices; no-op when alone or done
     if config.pipeline.stages:
         from jalign.pipeline import run_pipeline
         return run_pipeline(config, workdir)
@@ -102,7 +119,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     optimizer, schedule = make_optimizer(config.optimizer, train_cfg.num_steps)
     state, state_shardings = init_train_state(
         setup.params_init_fn or decoder_init_fn(model_cfg), optimizer, mesh, rules,
-        seed=config.seed, load_params=setup.load_params, with_reference=setup.with_reference)
+        seed=config.seed, load_params=setup.load_params, with_reference=setup.with_reference,
+        frozen_extra=setup.frozen_extra)
     step_fn = algo.make_step(config, model_cfg, optimizer, schedule, setup)
     batch_sharding = shd.data_sharding(mesh, rules)
     p_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
@@ -141,8 +159,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tokens_since, time_since = 0.0, time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step in range(start_step, num_steps):
-            batch = _device_batch(next(data_iter), batch_sharding)
+            host_batch = next(data_iter)
+            rollout_metrics = {}
+            if setup.rollout is not None:  # online RL: sample + score outside the pure step
+                host_batch, rollout_metrics = setup.rollout(state, host_batch)
+            batch = _device_batch(host_batch, batch_sharding)
             state, metrics = p_step(state, batch)
+            metrics = {**metrics, **rollout_metrics}
             if pending is not None:
                 tokens_since, time_since = _report(pending, writer, progress, train_cfg,
                                                    tokens_since, time_since)
@@ -203,6 +226,7 @@ def main(argv):
     from absl import flags, logging  # imported here so library users never parse flags
     logging.set_verbosity(logging.WARNING)  # Orbax/absl INFO lines drown the progress bar
     config = flags.FLAGS.config
+    distributed.initialize(config)  # first: multi-process runs join their group here
     run(config, flags.FLAGS.workdir)
 
 

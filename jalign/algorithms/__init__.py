@@ -27,6 +27,7 @@ _ALGORITHMS = {
     "grpo": Algorithm(rl.grpo_setup, rl.grpo_step),
     "rloo": Algorithm(rl.grpo_setup, rl.grpo_step),
     "online_dpo": Algorithm(rl.online_dpo_setup, rl.online_dpo_step),
+    "ppo": Algorithm(rl.ppo_setup, rl.ppo_step),
 }
 ALGOS = tuple(_ALGORITHMS)
 

@@ -14,7 +14,8 @@ class AlgorithmSetup:
     dataset: Callable[[int, int], Any]          # (process_index, process_count) -> grain IterDataset
     params_init_fn: Callable | None = None       # rng -> boxed params (None = the decoder)
     load_params: Callable | None = None          # abstract params -> starting params
-    with_reference: bool = False                 # keep a frozen copy as state.frozen["reference"]
+    with_reference: bool | str = False           # frozen copy (of a subtree) as state.frozen["reference"]
+    frozen_extra: dict | None = None             # other frozen state (e.g. {"kl_coef": ...})
     evaluate: Callable[..., dict] | None = None  # (params, start_params) -> metrics
     summarize: Callable[..., dict] | None = None
     prepare: Callable[..., None] | None = None   # (start_params) -> None, before data is read

@@ -216,3 +216,88 @@ def online_dpo_step(config, model_cfg, optimizer, schedule, setup):
     return make_dpo_step(model_cfg, optimizer, loss_fn=loss_fn, reference="params",
                          schedule=schedule, logprob_impl=config.train.logprob_impl)
 
+
+
+# --------------------------------------------------------------------- PPO with a critic
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _token_values(params, config, batch):
+    from jalign.models.heads import token_values
+    return token_values(params, config, batch)[:, :-1]
+
+
+def ppo_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
+    """PPO: policy + separate critic (a scalar model, from the reward model if given)."""
+    import flax.linen as nn  # noqa: F401
+    from jax import numpy as jnp
+    from jalign.checkpoint import load_params
+    from jalign.losses.rl import gae_advantages, kl_estimate, whiten
+    from jalign.models.heads import scalar_model_init_fn
+    from jalign.train import decoder_init_fn
+
+    base = _setup(config, model_cfg, workdir, online_dpo=False)
+    rl = config.rl
+    task_reward = make_reward_fn(config, model_cfg, base.tokenizer,
+                                 __import__("jalign.tasks", fromlist=["get_task"]).get_task(config.data.task))
+
+    def params_init(rng):
+        p_rng, c_rng = jax.random.split(rng)
+        return {"policy": decoder_init_fn(model_cfg)(p_rng), "critic": scalar_model_init_fn(model_cfg)(c_rng)}
+
+    def load(abstract):
+        policy = load_params(config.init_from, abstract["policy"]) if config.init_from else None
+        if rl.critic_init:
+            critic = load_params(rl.critic_init, abstract["critic"])
+        elif config.init_from:
+            critic = {"decoder": load_params(config.init_from, abstract["critic"]["decoder"])}
+        else:
+            critic = None
+        return {"policy": policy, "critic": critic}
+
+    def rollout(state, prompt_batch):
+        rng = jax.random.fold_in(state.step_rng(), 17)
+        policy, critic = state.params["policy"], state.params["critic"]
+        batch, repeated, texts = sample_groups(
+            policy, model_cfg, base.tokenizer, [str(p) for p in prompt_batch], rl.group_size, rng,
+            max_new_tokens=rl.max_new_tokens, temperature=rl.temperature)
+        scores = task_reward(repeated, texts)
+        mask = batch["loss_mask"][:, 1:].astype(np.float32)
+        old_logps = np.asarray(_token_logps(policy, model_cfg, batch))
+        ref_logps = np.asarray(_token_logps(state.frozen["reference"], model_cfg, batch))
+        old_values = np.asarray(_token_values(critic, model_cfg, batch))
+        kl_t = np.asarray(kl_estimate(old_logps, ref_logps, estimator=rl.kl_estimator)) * mask
+        coef = float(state.frozen["kl_coef"])
+        rewards_t = -coef * kl_t
+        last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # last completion token
+        rewards_t[np.arange(len(last)), last] += scores
+        adv, returns = gae_advantages(jnp.asarray(rewards_t), jnp.asarray(old_values), jnp.asarray(mask),
+                                      gamma=rl.gamma, lam=rl.lam)
+        seq_kl = kl_t.sum(-1)
+        batch.update(old_logps=old_logps, old_values=old_values * mask,
+                     advantages=np.asarray(whiten(adv, jnp.asarray(mask))), returns=np.asarray(returns),
+                     kl=seq_kl.astype(np.float32))
+        metrics = {"objective/scores": float(scores.mean()), "objective/kl": float(seq_kl.mean()),
+                   "objective/non_score_reward": float(-coef * seq_kl.mean()),
+                   "objective/rlhf_reward": float((scores - coef * seq_kl).mean()),
+                   "completions/mean_length": float(batch["loss_mask"].sum(-1).mean())}
+        return batch, metrics
+
+    base.params_init_fn = params_init
+    base.load_params = load if (config.init_from or rl.critic_init) else None
+    base.with_reference = "policy"
+    base.frozen_extra = {"kl_coef": jnp.float32(rl.kl_coef)}
+    base.rollout = rollout
+    evaluate = base.evaluate
+    base.evaluate = (lambda params, start: evaluate(params["policy"], start and start["policy"])) \
+        if evaluate else None
+    return base
+
+
+def ppo_step(config, model_cfg, optimizer, schedule, setup):
+    from jalign.steps.rl import make_ppo_step
+    rl = config.rl
+    return make_ppo_step(model_cfg, optimizer, clip_eps=rl.clip_eps_low, value_clip=rl.value_clip,
+                         vf_coef=rl.vf_coef, entropy_coef=rl.entropy_coef,
+                         num_iterations=rl.num_iterations, kl_target=rl.kl_target or None,
+                         kl_horizon=rl.kl_horizon, schedule=schedule,
+                         logprob_impl=config.train.logprob_impl)

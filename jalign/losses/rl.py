@@ -7,6 +7,7 @@ rewards [num_prompts * group_size] reshape to [num_prompts, group_size].
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
@@ -107,7 +108,8 @@ def clipped_policy_loss(logps_BxT, old_logps_BxT, advantages_B, mask_BxT, *,
         seq = logratio.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
         logratio = jnp.where(mask > 0, jnp.broadcast_to(seq[:, None], logratio.shape), 0.0)
     ratio = jnp.exp(jnp.clip(logratio, -20.0, 20.0))
-    adv = advantages_B[:, None].astype(jnp.float32)
+    adv = jnp.asarray(advantages_B, jnp.float32)
+    adv = adv if adv.ndim == 2 else adv[:, None]  # per-sequence [B] (GRPO) or per-token [B, T] (PPO)
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
     token_loss = jnp.maximum(unclipped, clipped)
@@ -124,3 +126,49 @@ def clipped_policy_loss(logps_BxT, old_logps_BxT, advantages_B, mask_BxT, *,
     metrics["policy/clipfrac_avg"] = aggregate(clipped_frac, mask, mode="bnpo")
     metrics["policy/approxkl_avg"] = aggregate(0.5 * jnp.square(logratio), mask, mode="bnpo")
     return loss, metrics
+
+
+def gae_advantages(rewards_BxT, values_BxT, mask_BxT, *, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation over the completion tokens (Schulman et al. 2016).
+
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with V and A
+    zero past the last completion token. Returns (advantages, returns = A + V), [B, T],
+    zero on masked positions. Tokens are contiguous from the first masked-in position.
+    """
+    m = mask_BxT.astype(jnp.float32)
+    r = jnp.where(m > 0, rewards_BxT, 0.0)
+    v = jnp.where(m > 0, values_BxT, 0.0)
+    next_v = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+    next_m = jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
+    delta = r + gamma * next_v * next_m - v
+
+    def back(carry, xs):
+        d, nm = xs
+        a = d + gamma * lam * carry * nm
+        return a, a
+
+    _, adv = jax.lax.scan(back, jnp.zeros(r.shape[0]), (delta.T[::-1], next_m.T[::-1]))
+    adv = adv[::-1].T * m
+    return adv, (adv + v) * m
+
+
+def whiten(values_BxT, mask_BxT, *, shift_mean: bool = True, eps: float = 1e-8):
+    """Normalises masked values to unit variance (and zero mean), as PPO does with advantages."""
+    m = mask_BxT.astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    mean = (values_BxT * m).sum() / n
+    var = (jnp.square(values_BxT - mean) * m).sum() / n
+    out = (values_BxT - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+def clipped_value_loss(values_BxT, old_values_BxT, returns_BxT, mask_BxT, *, clip: float = 0.2):
+    """0.5 * mean(max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)); returns (loss, metrics)."""
+    clipped = old_values_BxT + jnp.clip(values_BxT - old_values_BxT, -clip, clip)
+    unclipped_sq = jnp.square(values_BxT - returns_BxT)
+    clipped_sq = jnp.square(clipped - returns_BxT)
+    loss = 0.5 * aggregate(jnp.maximum(unclipped_sq, clipped_sq), mask_BxT, mode="bnpo")
+    frac = aggregate((clipped_sq > unclipped_sq).astype(jnp.float32), mask_BxT, mode="bnpo")
+    return loss, {"val/clipfrac_avg": frac}

@@ -43,3 +43,11 @@ def sequence_scores(params, config: ModelConfig, batch, num_sequences: int):
     summed = jax.ops.segment_sum(jnp.where(last, scores_RxT, 0.0).ravel(), ids,
                                  num_segments=num_sequences + 1)
     return summed[:num_sequences]
+
+
+def token_values(params, config: ModelConfig, batch):
+    """Per-token scalar outputs [B, T] (a critic's value of the prefix ending at each token)."""
+    hidden = Decoder(config).apply({"params": params["decoder"]}, batch["tokens"],
+                                   batch["positions"], batch["segment_ids"])
+    return jnp.einsum("rth,h->rt", hidden.astype(jnp.float32),
+                      params["score_head"].astype(jnp.float32)) + params["score_bias"]

@@ -1,4 +1,4 @@
-"""Policy-gradient step for the GRPO family and RLOO over rollout batches.
+"""Policy-gradient steps over rollout batches: GRPO family / RLOO, and PPO with a critic.
 
 A rollout batch (built by jalign.algorithms.rl from sampled completions) holds
 `tokens`, `loss_mask` (completion tokens, EOS included), `segment_ids`,
@@ -12,10 +12,12 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from jalign.losses.rl import clipped_policy_loss
+from jalign.losses.rl import aggregate, clipped_policy_loss, clipped_value_loss
 from jalign.models.config import ModelConfig
+from jalign.models.heads import token_values
 from jalign.state import TrainState
 from jalign.steps.common import shifted_logprobs
 
@@ -57,5 +59,65 @@ def make_policy_gradient_step(config: ModelConfig, optimizer: optax.GradientTran
             state, metrics = update(state, batch)
         metrics["num_tokens"] = batch["loss_mask"][:, 1:].sum().astype("float32")
         return state.replace(step=state.step + 1), metrics
+
+    return step
+
+
+def adaptive_kl_coef(coef, observed_kl, *, target: float, horizon: float, n_steps: float):
+    """Ziegler et al. 2019: coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon."""
+    error = jnp.clip(observed_kl / target - 1.0, -0.2, 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
+def make_ppo_step(config: ModelConfig, optimizer: optax.GradientTransformation, *,
+                  clip_eps: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1,
+                  entropy_coef: float = 0.0, dual_clip: float | None = None,
+                  num_iterations: int = 4, kl_target: float | None = None,
+                  kl_horizon: float = 10000.0, schedule: optax.Schedule | None = None,
+                  logprob_impl: str = "auto") -> Callable:
+    """PPO with a critic: `state.params = {"policy": decoder, "critic": scalar model}`.
+
+    The rollout batch adds `advantages` [N, T-1] (whitened GAE), `returns` and
+    `old_values` [N, T-1], `old_logps` and each sequence's KL to the reference `kl` [N].
+    Each of `num_iterations` epochs minimises clipped policy loss + vf_coef * clipped
+    value loss - entropy_coef * entropy over the batch. With `kl_target`, the KL
+    coefficient in `state.frozen["kl_coef"]` adapts (Ziegler et al. 2019).
+    """
+
+    def loss(params, batch):
+        logps, mask, stats = shifted_logprobs(params["policy"], config, batch,
+                                              logprob_impl=logprob_impl, with_stats=True)
+        policy_loss, metrics = clipped_policy_loss(
+            logps, batch["old_logps"], batch["advantages"], mask, clip_eps_low=clip_eps,
+            dual_clip=dual_clip, loss_aggregation="bnpo")
+        values = token_values(params["critic"], config, batch)[:, :-1]
+        value_loss, value_metrics = clipped_value_loss(values, batch["old_values"], batch["returns"],
+                                                       mask, clip=value_clip)
+        entropy = aggregate(stats["entropy"], mask, mode="bnpo")
+        total = policy_loss + vf_coef * value_loss - entropy_coef * entropy
+        return total, {**metrics, **value_metrics, "loss/policy_avg": policy_loss,
+                       "loss/value_avg": value_loss, "objective/entropy": entropy}
+
+    def update(state, batch):
+        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        metrics = dict(metrics, loss=value, grad_norm=optax.global_norm(grads))
+        return state.replace(params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), metrics
+
+    def step(state: TrainState, batch):
+        metrics = None
+        for _ in range(num_iterations):
+            state, metrics = update(state, batch)
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        frozen = dict(state.frozen)
+        metrics["objective/kl_coef"] = frozen["kl_coef"]
+        if kl_target is not None:
+            n = batch["loss_mask"].shape[0]
+            frozen["kl_coef"] = adaptive_kl_coef(frozen["kl_coef"], batch["kl"].mean(), target=kl_target,
+                                                 horizon=kl_horizon, n_steps=n)
+        metrics["num_tokens"] = batch["loss_mask"][:, 1:].sum().astype(jnp.float32)
+        return state.replace(step=state.step + 1, frozen=frozen), metrics
 
     return step
