@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         num_steps=200, log_every=10, eval_every=0, eval_at_start=True,
         checkpoint_every=100, keep_checkpoints=3, async_checkpointing=True,
+        max_consecutive_skips=5,  # non-finite steps are skipped; stop after this many in a row
         logprob_impl="auto"))
 
     c.dpo = ml_collections.ConfigDict(dict(

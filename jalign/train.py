@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -88,6 +89,33 @@ def _overlay(fresh, loaded):
     return loaded
 
 
+# Exit status of a run stopped by SIGTERM after writing its checkpoint (EX_TEMPFAIL):
+# launch scripts restart the same command, which resumes.
+EXIT_PREEMPTED = 75
+
+
+def skip_nonfinite(step_fn):
+    """Wraps a step so that a non-finite loss or gradient norm leaves the state unchanged.
+
+    The metrics gain `skipped_nonfinite` (1.0 for a skipped step); the loop logs the
+    step and stops after `config.train.max_consecutive_skips` skips in a row.
+    """
+    def guarded(state, batch):
+        new_state, metrics = step_fn(state, batch)
+        ok = jnp.isfinite(metrics["loss"])
+        if "grad_norm" in metrics:
+            ok &= jnp.isfinite(metrics["grad_norm"])
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        return new_state, dict(metrics, skipped_nonfinite=(~ok).astype(jnp.float32))
+    return guarded
+
+
+def _batch_info(host_batch) -> str:
+    if "example_index" in host_batch:
+        return f"example_index {np.asarray(host_batch['example_index']).tolist()}"
+    return f"batch shapes {({k: np.shape(v) for k, v in host_batch.items()})}"
+
+
 def _abstract_with_shardings(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         state, shardings)
@@ -123,7 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         frozen_extra=setup.frozen_extra)
     step_fn = algo.make_step(config, model_cfg, optimizer, schedule, setup)
     batch_sharding = shd.data_sharding(mesh, rules)
-    p_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+    p_step = jax.jit(skip_nonfinite(step_fn), in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
     if setup.prepare is not None:
@@ -157,6 +185,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     progress = ProgressBar(num_steps, start_step, enabled=is_main)
     pending = None  # metrics of the previous step, fetched one step late (no stall)
     tokens_since, time_since = 0.0, time.perf_counter()
+    guard = _SkipGuard(train_cfg.max_consecutive_skips)
+    preempted = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) \
+        if _on_main_thread() else None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step in range(start_step, num_steps):
             host_batch = next(data_iter)
@@ -169,7 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if pending is not None:
                 tokens_since, time_since = _report(pending, writer, progress, train_cfg,
                                                    tokens_since, time_since)
-            pending = (step + 1, metrics)
+            pending = (step + 1, metrics, _batch_info(host_batch), guard)
             done = step + 1
             if setup.evaluate is not None and train_cfg.eval_every and (
                     done % train_cfg.eval_every == 0 or done == num_steps):
@@ -177,15 +209,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 evals.append(result)
                 writer.write_eval(result)
                 progress.write(f"step {done} eval: {_fmt(result)}")
-            if done % train_cfg.checkpoint_every == 0 or done == num_steps:
+            if done % train_cfg.checkpoint_every == 0 or done == num_steps or preempted:
                 # Log everything up to this step first: a checkpoint at step N means
                 # the metrics of steps <= N are on disk.
                 tokens_since, time_since = _report(pending, writer, progress, train_cfg,
                                                    tokens_since, time_since)
                 pending = None
-                ckpt.save(manager, done, state, data_iter)
+                ckpt.save(manager, done, state, data_iter, force=bool(preempted))
+            if preempted:
+                manager.wait_until_finished()
+                progress.close()
+                print(f"SIGTERM: saved a checkpoint at step {done} in {workdir}; exiting with "
+                      f"status {EXIT_PREEMPTED}. Run the same command again to resume.", flush=True)
+                raise SystemExit(EXIT_PREEMPTED)
         if pending is not None:
             _report(pending, writer, progress, train_cfg, tokens_since, time_since)
+    if previous_handler is not None:
+        signal.signal(signal.SIGTERM, previous_handler)
     manager.wait_until_finished()
     progress.close()
     ckpt.save_params(os.path.join(workdir, "final_params"), state.params)
@@ -202,14 +242,39 @@ def _fmt(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
+def _on_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+class _SkipGuard:
+    """Counts consecutive skipped (non-finite) steps on the host."""
+
+    def __init__(self, limit: int):
+        self.limit, self.consecutive, self.total = limit, 0, 0
+
+    def observe(self, step: int, skipped: bool, loss: float, info: str, progress) -> None:
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        progress.write(f"step {step}: non-finite loss or gradients (loss={loss}); the update was "
+                       f"skipped, state unchanged ({info}).")
+        if self.consecutive >= self.limit:
+            raise FloatingPointError(
+                f"step {step}: {self.consecutive} consecutive steps had a non-finite loss or "
+                f"gradients (config.train.max_consecutive_skips={self.limit}); stopping. The last "
+                "good checkpoint is kept in the workdir. Lower config.optimizer.learning_rate or "
+                "check the data, then rerun to resume.")
+
+
 def _report(pending, writer, progress, train_cfg, tokens_since, time_since):
-    step, metrics = pending
+    step, metrics, info, guard = pending
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     loss = metrics.get("loss")
-    if loss is not None and not np.isfinite(loss):
-        raise FloatingPointError(
-            f"step {step}: loss is {loss} (non-finite). Metrics: {_fmt(metrics)}. Lower "
-            "config.optimizer.learning_rate, check the data, or resume from the last checkpoint.")
+    guard.observe(step, metrics.get("skipped_nonfinite", 0.0) > 0, loss, info, progress)
+    metrics["skipped_nonfinite_total"] = float(guard.total)
     tokens_since += metrics.get("num_tokens", 0.0)
     progress.update(step, loss)
     if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:

@@ -64,7 +64,7 @@ def test_quickstart_pipeline_runs_all_stages(tmp_path):
     assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path):
+def test_kill_or_preempt_and_resume_matches_uninterrupted(tmp_path):
     overrides = ["--config.train.num_steps=300", "--config.train.checkpoint_every=25",
                  "--config.train.eval_every=0", "--config.train.eval_at_start=False",
                  "--config.train.log_every=1", "--config.train.async_checkpointing=False"]
@@ -97,6 +97,31 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
             np.testing.assert_allclose(after[step][key], reference[step][key], rtol=1e-6,
                                        err_msg=f"step {step} {key}")
 
+    # SIGTERM (preemption): the run checkpoints the step it is on and exits with 75;
+    # the restart resumes there, losing no step.
+    termed = str(tmp_path / "termed")
+    proc = subprocess.Popen(_train_cmd(termed, *overrides), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    metrics_path = os.path.join(termed, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics_path) and sum(1 for _ in open(metrics_path)) >= 30:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before SIGTERM"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-2000:]
+    saved = int(out.split("saved a checkpoint at step ")[1].split(" ")[0])
+    assert 30 <= saved < 300
+    resumed = _run(termed, *overrides)
+    assert f"at step {saved}." in resumed.stdout
+    after = _metrics(termed)
+    assert sorted(after) == list(range(1, 301))
+    for step in range(1, 301):
+        np.testing.assert_allclose(after[step]["loss"], reference[step]["loss"], rtol=1e-6,
+                                   err_msg=f"step {step}")
+
 
 def test_config_typo_is_named(tmp_path):
     proc = _run(str(tmp_path / "w"), "--config.train.num_stesp=3", check=False)
@@ -122,17 +147,27 @@ def test_mesh_that_does_not_divide_devices():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
 
 
-def test_non_finite_loss_names_the_step():
-    from jalign.logging_utils import MetricsWriter, ProgressBar
-    from jalign.train import _report
+def test_non_finite_steps_are_skipped_then_stop_names_the_step():
+    import jax.numpy as jnp
+    from jalign.logging_utils import ProgressBar
+    from jalign.train import _SkipGuard, skip_nonfinite
 
-    class Cfg(dict):
-        __getattr__ = dict.__getitem__
+    def step(state, batch):
+        loss = jnp.sum(batch["x"])
+        return {"w": state["w"] + 1.0}, {"loss": loss, "grad_norm": loss}
 
-    writer = MetricsWriter("/tmp", enabled=False)
-    with pytest.raises(FloatingPointError, match="step 17: loss is nan"):
-        _report((17, {"loss": np.float32("nan")}), writer, ProgressBar(20, 0, enabled=False),
-                Cfg(log_every=1, num_steps=20), 0.0, 0.0)
+    guarded = jax.jit(skip_nonfinite(step))
+    state = {"w": jnp.zeros(2)}
+    state, m = guarded(state, {"x": jnp.array([1.0, jnp.nan])})
+    assert float(m["skipped_nonfinite"]) == 1.0 and np.all(np.asarray(state["w"]) == 0)
+    state, m = guarded(state, {"x": jnp.array([1.0, 2.0])})
+    assert float(m["skipped_nonfinite"]) == 0.0 and np.all(np.asarray(state["w"]) == 1)
+
+    guard = _SkipGuard(limit=2)
+    bar = ProgressBar(20, 0, enabled=False)
+    guard.observe(16, True, float("nan"), "example_index [3]", bar)
+    with pytest.raises(FloatingPointError, match="step 17: 2 consecutive steps"):
+        guard.observe(17, True, float("nan"), "example_index [4]", bar)
 
 
 def test_bad_data_row_names_file_line_and_field(tmp_path):
