@@ -1,0 +1,124 @@
+# %% [markdown]
+# # Embedding jalign in your own JAX code
+#
+# jalign's pieces are plain functions. Here a user's *own* Flax model and *own*
+# training loop use `jalign.ops.token_logprobs` (hidden states -> token log-probs
+# without building the logits) and `jalign.losses.dpo_loss`; then a jalign step
+# factory is used inside the same hand-written loop, without jalign's trainer.
+
+# %%
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jalign.data import make_preference_dataset, preference_records_from_dicts
+from jalign.losses import dpo_loss
+from jalign.ops import token_logprobs
+from jalign.tasks import get_task
+from jalign.tokenizer import builtin_tokenizer
+
+SMALL = os.environ.get("JALIGN_NOTEBOOK_SMALL") == "1"
+STEPS = 5 if SMALL else 100
+
+
+# %% [markdown]
+# ## Your model: any Flax module that returns hidden states and owns an unembedding
+
+# %%
+class MyLM(nn.Module):
+    vocab: int = 128
+    width: int = 64
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab, self.width)(tokens)
+        x = nn.SelfAttention(num_heads=4, qkv_features=self.width)(
+            x, mask=nn.make_causal_mask(tokens))
+        x = nn.LayerNorm()(x + nn.Dense(self.width)(nn.gelu(x)))
+        unembed = self.param("unembed", nn.initializers.normal(0.02), (self.width, self.vocab))
+        return x, unembed
+
+
+# %% [markdown]
+# ## Your data: preference pairs (here jalign's built-in task, batched by jalign.data)
+
+# %%
+pairs = get_task("sort").preference_pairs(256, seed=0)
+records, _ = preference_records_from_dicts(pairs)
+batches = iter(make_preference_dataset(records, builtin_tokenizer(), batch_size=16, max_length=40, seed=0))
+batch = next(batches)
+print({k: v.shape for k, v in batch.items()})
+
+
+# %% [markdown]
+# ## Your loop: summed completion log-probs via the fused op, then DPO
+
+# %%
+model = MyLM()
+params = model.init(jax.random.PRNGKey(0), batch["tokens"][:1])
+reference = params
+
+
+def pair_logps(params, batch):
+    hidden, unembed = model.apply(params, batch["tokens"])
+    logps = token_logprobs(hidden[:, :-1], unembed, batch["tokens"][:, 1:])  # [2B, T-1], float32
+    mask = batch["loss_mask"][:, 1:]
+    seq = jnp.where(mask > 0, logps, 0.0).sum(-1)
+    return seq[0::2], seq[1::2]  # rows alternate chosen / rejected
+
+
+def loss_fn(params, batch):
+    chosen, rejected = pair_logps(params, batch)
+    ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_logps(reference, batch))
+    losses, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)
+    return losses.mean(), metrics
+
+
+optimizer = optax.adam(1e-3)
+opt_state = optimizer.init(params)
+
+
+@jax.jit
+def my_step(params, opt_state, batch):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, metrics
+
+
+for i in range(STEPS):
+    params, opt_state, loss, metrics = my_step(params, opt_state, next(batches))
+print(f"own model, own loop: loss {float(loss):.3f}, reward accuracy "
+      f"{float(metrics['rewards/accuracies']):.2f}, margin {float(metrics['rewards/margins']):.3f}")
+
+# %% [markdown]
+# ## A jalign step factory inside the same hand-written loop
+#
+# `make_dpo_step` returns a pure `step(state, batch) -> (state, metrics)` over
+# jalign's decoder; you jit it yourself and keep your own loop, logging and I/O.
+
+# %%
+import functools
+
+from jalign import losses
+from jalign.models import Decoder, ModelConfig
+from jalign.state import TrainState
+from jalign.steps import make_dpo_step
+
+config = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=128)
+decoder_params = nn.meta.unbox(Decoder(config).init(jax.random.PRNGKey(0),
+                                                    jnp.zeros((1, 8), jnp.int32))["params"])
+tx = optax.adamw(1e-3)
+state = TrainState(step=jnp.zeros((), jnp.int32), params=decoder_params,
+                   opt_state=tx.init(decoder_params), rng=jax.random.PRNGKey(1),
+                   frozen={"reference": decoder_params})
+step = jax.jit(make_dpo_step(config, tx, loss_fn=functools.partial(losses.dpo_loss, beta=0.1,
+                                                                   loss_type="ipo")))
+for i in range(STEPS):
+    state, metrics = step(state, next(batches))
+print("jalign step, own loop:", {k: round(float(v), 3) for k, v in metrics.items()
+                                 if k in ("loss", "rewards/accuracies", "rewards/margins")})
