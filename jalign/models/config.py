@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -13,11 +14,38 @@ _DTYPES = {
     "float16": jnp.float16,
 }
 REMAT_POLICIES = ("none", "full", "save_dots")
+# The Hugging Face families a config can be exported as (jalign.models.hf); the
+# options below, not the family, decide what the model computes.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of a decoder-only transformer (Llama family).
+    """Hyper-parameters of a decoder-only transformer.
+
+    The defaults give the Llama architecture; the options after `remat` switch
+    on what other families need (all off by default):
+
+    * `qkv_bias`: biases on the q/k/v projections (Qwen2).
+    * `qk_norm`: RMSNorm of every query and key head before rope (Qwen3, Gemma 3).
+    * `norm_unit_offset`: RMSNorm scales by (1 + weight), weights start at 0 (Gemma).
+    * `sandwich_norms`: extra norms on the attention and MLP outputs (Gemma 2/3).
+    * `mlp_activation`: "silu" or "gelu_tanh" for the gated MLP.
+    * `scale_embeddings`: multiply embeddings by sqrt(hidden_size) (Gemma).
+    * `query_pre_attn_scalar`: attention scores use 1/sqrt(this) instead of
+      1/sqrt(head_dim) (Gemma).
+    * `attn_logit_softcap`, `final_logit_softcap`: `cap * tanh(z / cap)` on the
+      attention scores / the output logits (Gemma 2). The final one is applied by
+      the callers of `jalign.ops.token_logprobs` (logit_softcap=), not the model.
+    * `sliding_window`, `layer_types`: sliding layers attend to the last
+      `sliding_window` tokens (themselves included). `layer_types` names each layer
+      "full_attention" or "sliding_attention"; None means every layer slides when
+      `sliding_window` is set (Mistral), none otherwise.
+    * `rope_local_theta`: rope base of the sliding layers, unscaled (Gemma 3);
+      None means the sliding layers share the global rope.
+    * `family`: the Hugging Face family the model is exported as.
 
     `head_dim` defaults to hidden_size // num_heads. `rope_scaling` is None or a
     mapping in Hugging Face's form, e.g. {"rope_type": "llama3", "factor": 8.0,
@@ -40,8 +68,23 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"
+    family: str = "llama"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    norm_unit_offset: bool = False
+    sandwich_norms: bool = False
+    mlp_activation: str = "silu"
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self):
+        if self.layer_types is not None and not isinstance(self.layer_types, tuple):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         errors = []
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "intermediate_size"):
@@ -60,12 +103,45 @@ class ModelConfig:
                               f"got {getattr(self, name)!r}")
         if self.remat not in REMAT_POLICIES:
             errors.append(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.family not in FAMILIES:
+            errors.append(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            errors.append(f"model.mlp_activation must be one of {MLP_ACTIVATIONS}, "
+                          f"got {self.mlp_activation!r}")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
+                     "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                errors.append(f"model.{name} must be None or positive, got {value!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or self.sliding_window <= 0):
+            errors.append(f"model.sliding_window must be None or a positive int, "
+                          f"got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                errors.append(f"model.layer_types has {len(self.layer_types)} entries but "
+                              f"model.num_layers is {self.num_layers}")
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                errors.append(f"model.layer_types: unknown {bad}; valid: {LAYER_TYPES}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                errors.append("model.layer_types has sliding_attention layers but "
+                              "model.sliding_window is None")
         if errors:
             raise ValueError("; ".join(errors))
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it use the sliding window?"""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        if self.layer_types is None:
+            return (True,) * self.num_layers
+        return tuple(kind == "sliding_attention" for kind in self.layer_types)
 
     @property
     def compute_dtype(self):
@@ -85,16 +161,27 @@ class ModelConfig:
             raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {sorted(known)}")
         if values.get("rope_scaling") is not None:
             values["rope_scaling"] = dict(values["rope_scaling"])
+        if values.get("layer_types") is not None:
+            values["layer_types"] = tuple(values["layer_types"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def __hash__(self):
+        # The generated hash fails on the rope_scaling dict; configs are static
+        # arguments of jitted functions (jalign.generate), so they must hash.
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+
     def num_params(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         d = self.head_size
         attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * h * i + 2 * h
+        if self.qkv_bias:
+            attn += d * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * d
+        per_layer = attn + 3 * h * i + (4 if self.sandwich_norms else 2) * h
         embed = v * h * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + embed + h
 

@@ -1,8 +1,10 @@
-"""One decoder-only transformer (Llama family) in Flax, returning final hidden states.
+"""One decoder-only transformer in Flax, returning final hidden states.
 
-The unembedding is applied by the caller through `jalign.ops.token_logprobs`, so
-[tokens, vocab] logits are never built here. Every parameter carries logical axis
-names; `jalign.sharding` maps them to mesh axes with the config's rule table.
+One module with options covers Llama, Mistral, Qwen2/3 and Gemma 2/3 (see
+`ModelConfig`). The unembedding is applied by the caller through
+`jalign.ops.token_logprobs`, so [tokens, vocab] logits are never built here (the
+callers pass `config.final_logit_softcap` to it). Every parameter carries logical
+axis names; `jalign.sharding` maps them to mesh axes with the config's rule table.
 
 Logical axes used: "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp",
 "norm", "layers" (parameters) and "batch", "length", "act_embed" (activations).
@@ -28,21 +30,30 @@ def _param(module: nn.Module, name: str, shape, axes, init=_INIT):
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * scale, or * (1 + scale) with `norm_unit_offset` (Gemma)."""
+
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x):
-        scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
+        offset = self.config.norm_unit_offset
+        init = nn.initializers.zeros if offset else nn.initializers.ones
+        scale = _param(self, "scale", (x.shape[-1],), ("norm",), init).astype(jnp.float32)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
-        return (y * scale.astype(jnp.float32)).astype(self.config.compute_dtype)
+        return (y * (1.0 + scale if offset else scale)).astype(self.config.compute_dtype)
 
 
-def rope_frequencies(config: ModelConfig) -> jax.Array:
-    """Inverse frequencies [head_dim/2], with llama3 / linear rope scaling applied."""
+def rope_frequencies(config: ModelConfig, *, local: bool = False) -> jax.Array:
+    """Inverse frequencies [head_dim/2], with llama3 / linear rope scaling applied.
+
+    `local=True` gives the sliding layers' frequencies: base `rope_local_theta`,
+    unscaled (Gemma 3).
+    """
     d = config.head_size
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    scaling = config.rope_scaling
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = None if local else config.rope_scaling
     if not scaling:
         return inv_freq
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -88,11 +99,21 @@ class Attention(nn.Module):
         q = jnp.einsum("bth,hnd->btnd", x_BxTxH, wq.astype(dt))
         k = jnp.einsum("bth,hnd->btnd", x_BxTxH, wk.astype(dt))
         v = jnp.einsum("bth,hnd->btnd", x_BxTxH, wv.astype(dt))
+        if c.qkv_bias:
+            zeros = nn.initializers.zeros
+            q = q + _param(self, "q_bias", (nq, d), ("q_heads", "head_dim"), zeros).astype(dt)
+            k = k + _param(self, "k_bias", (nkv, d), ("kv_heads", "head_dim"), zeros).astype(dt)
+            v = v + _param(self, "v_bias", (nkv, d), ("kv_heads", "head_dim"), zeros).astype(dt)
+        if c.qk_norm:
+            q, k = RMSNorm(c, name="q_norm")(q), RMSNorm(c, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, t = q.shape[:2]
         q = q.reshape(b, t, nkv, nq // nkv, d)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                            preferred_element_type=jnp.float32) / math.sqrt(d)
+                            preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(c.query_pre_attn_scalar or d)
+        if c.attn_logit_softcap is not None:
+            scores = c.attn_logit_softcap * jnp.tanh(scores / c.attn_logit_softcap)
         scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nq, d)
@@ -111,17 +132,39 @@ class MLP(nn.Module):
         down = _param(self, "down_proj", (c.intermediate_size, c.hidden_size), ("mlp", "embed"))
         g = jnp.einsum("bth,hi->bti", x_BxTxH, gate.astype(dt))
         u = jnp.einsum("bth,hi->bti", x_BxTxH, up.astype(dt))
-        return jnp.einsum("bti,ih->bth", nn.silu(g) * u, down.astype(dt))
+        if c.mlp_activation == "gelu_tanh":
+            g = nn.gelu(g, approximate=True)
+        else:
+            g = nn.silu(g)
+        return jnp.einsum("bti,ih->bth", g * u, down.astype(dt))
 
 
 class Block(nn.Module):
+    """Pre-norm block; with `sandwich_norms` the sub-layer outputs are normed too.
+
+    `rope` and `masks` hold the (full, sliding) variants; `is_sliding` (scanned
+    over the layers) picks one per layer.
+    """
+
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
-        x = x + Attention(self.config, name="attn")(RMSNorm(self.config, name="attn_norm")(x),
-                                                    cos, sin, mask)
-        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+    def __call__(self, x, rope, masks, is_sliding):
+        c = self.config
+        (cos, sin), mask = rope[0], masks[0]
+        if c.rope_local_theta is not None:
+            cos = jnp.where(is_sliding, rope[1][0], cos)
+            sin = jnp.where(is_sliding, rope[1][1], sin)
+        if any(c.sliding_layers):
+            mask = jnp.where(is_sliding, masks[1], mask)
+        y = Attention(c, name="attn")(RMSNorm(c, name="attn_norm")(x), cos, sin, mask)
+        if c.sandwich_norms:
+            y = RMSNorm(c, name="post_attn_norm")(y)
+        x = x + y
+        y = MLP(c, name="mlp")(RMSNorm(c, name="mlp_norm")(x))
+        if c.sandwich_norms:
+            y = RMSNorm(c, name="post_mlp_norm")(y)
+        x = x + y
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, None
 
@@ -154,22 +197,36 @@ class Decoder(nn.Module):
         if not c.tie_embeddings:
             _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
         x = jnp.take(embed, tokens_BxT, axis=0).astype(c.compute_dtype)
+        if c.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(c.hidden_size), c.compute_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
-        angles = positions_BxT.astype(jnp.float32)[..., None] * rope_frequencies(c)
-        angles = jnp.concatenate([angles, angles], axis=-1)
-        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        def rope(local):
+            angles = positions_BxT.astype(jnp.float32)[..., None] * rope_frequencies(c, local=local)
+            angles = jnp.concatenate([angles, angles], axis=-1)
+            return jnp.cos(angles), jnp.sin(angles)
+
+        rope_full = rope(False)
+        rope_local = rope(True) if c.rope_local_theta is not None else rope_full
         causal = jnp.tril(jnp.ones((t, t), bool))
         same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
         mask = (causal[None] & same_segment)[:, None, None]
+        mask_sliding = mask
+        if c.sliding_window is not None:
+            # Window over sequence indices: within a packed segment or a
+            # left-padded prompt these differ exactly as the positions do.
+            near = jnp.triu(jnp.ones((t, t), bool), k=1 - c.sliding_window)
+            mask_sliding = mask & near[None, None, None]
 
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_REMAT[c.remat], prevent_cse=False)
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                        in_axes=(nn.broadcast, nn.broadcast, 0),
                         length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = stack(c, name="layers")(x, cos, sin, mask)
+        is_sliding_L = jnp.asarray(c.sliding_layers, bool)
+        x, _ = stack(c, name="layers")(x, (rope_full, rope_local), (mask, mask_sliding),
+                                       is_sliding_L)
         return RMSNorm(c, name="final_norm")(x)
 
 
@@ -178,3 +235,18 @@ def unembedding(params: Any, config: ModelConfig) -> jax.Array:
     if config.tie_embeddings:
         return params["embed"].T
     return params["lm_head"]
+
+
+def logits_from_hidden(hidden_BxTxH: jax.Array, params: Any, config: ModelConfig) -> jax.Array:
+    """Full float32 logits [B, T, V] with the final softcap: for generation and tests.
+
+    Training and scoring go through `jalign.ops.token_logprobs` instead, which
+    never materialises these.
+    """
+    logits = jnp.einsum("bth,hv->btv", hidden_BxTxH,
+                        unembedding(params, config).astype(hidden_BxTxH.dtype),
+                        preferred_element_type=jnp.float32)
+    cap = config.final_logit_softcap
+    if cap is not None:
+        logits = cap * jnp.tanh(logits / cap)
+    return logits

@@ -27,10 +27,10 @@ def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.A
     mask_BxT = batch["loss_mask"][:, 1:].astype(jnp.float32)
     if not with_stats:
         return token_logprobs(hidden_BxTxH[:, :-1], unembedding(params, config), targets_BxT,
-                              impl=logprob_impl), mask_BxT
+                              logit_softcap=config.final_logit_softcap, impl=logprob_impl), mask_BxT
     out = token_logprobs(hidden_BxTxH[:, :-1], unembedding(params, config), targets_BxT,
                          return_entropy=True, return_max_logit=True, return_lse=True,
-                         impl=logprob_impl)
+                         logit_softcap=config.final_logit_softcap, impl=logprob_impl)
     # The target is the arg-max exactly when its logit equals the maximum logit,
     # i.e. log p(target) == max_logit - lse (up to float rounding).
     is_argmax_BxT = out.logps >= (out.max_logit - out.lse) - 1e-5

