@@ -44,8 +44,8 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
         width = -(-width // 16) * 16
         prompt, mask = left_pad(encoded, tokenizer.pad_id, width)
         kwargs = dict(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-        g_tokens, g_mask = generate(params, config, prompt, mask, rng, greedy=True, **kwargs)
-        s_tokens, s_mask = generate(params, config, prompt, mask, jax.random.fold_in(rng, start),
+        g_tokens, g_mask, _ = generate(params, config, prompt, mask, rng, greedy=True, **kwargs)
+        s_tokens, s_mask, _ = generate(params, config, prompt, mask, jax.random.fold_in(rng, start),
                                     greedy=False, temperature=temperature, **kwargs)
         greedy_rewards.append(task.gold_reward(chunk[:n], decode_completions(
             tokenizer, g_tokens[:, width:], g_mask)[:n]))

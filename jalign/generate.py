@@ -1,21 +1,30 @@
-"""Simple batched generation (full forward per new token) for evaluation.
+"""The sampler: jitted prefill + KV-cache decode with static shapes.
 
-Prompts are left-padded so every prompt ends at the same position; generation
-stops per sequence at EOS. This is an evaluation helper with static shapes, not
-the fast KV-cache sampler.
+Prompts are left-padded so every prompt ends at the same slot; one prefill pass
+fills the cache, then a `lax.fori_loop` decodes one token per step for every
+sequence, stopping per sequence at EOS or a stop token. Sampling supports
+temperature, top-k, top-p and min-p; the returned behaviour log-probs are those
+of the tempered (unfiltered) policy, i.e. exactly what a full forward pass of the
+same params gives for the sampled tokens, so importance ratios start at 1.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jalign.models.config import ModelConfig
-from jalign.models.transformer import Decoder, unembedding
+from jalign.models.transformer import Decoder, init_cache, logits_from_hidden
+
+
+class Samples(NamedTuple):
+    tokens: jax.Array           # [B, P + N] prompt (left-padded) followed by the completion
+    completion_mask: jax.Array  # [B, N] 1 on generated tokens up to and including EOS
+    logps: jax.Array            # [B, N] behaviour log-probs of the generated tokens (0 after the end)
 
 
 def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
@@ -31,34 +40,67 @@ def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int, length: int | No
     return tokens, mask
 
 
-@partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_id", "pad_id", "greedy"))
+def filter_logits(logits_BxV, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+    """Masks (to -inf) tokens outside the top-k, the top-p nucleus and the min-p floor."""
+    neg = jnp.finfo(jnp.float32).min
+    if top_k:
+        kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth, neg, logits_BxV)
+    probs = jax.nn.softmax(logits_BxV, axis=-1)
+    if min_p > 0.0:
+        floor = min_p * probs.max(axis=-1, keepdims=True)
+        logits_BxV = jnp.where(probs < floor, neg, logits_BxV)
+    if top_p < 1.0:
+        order = jnp.argsort(-probs, axis=-1)
+        sorted_p = jnp.take_along_axis(probs, order, axis=-1)
+        # Keep a token while the mass before it is below top_p (the first always stays).
+        keep_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(order.shape[0])[:, None], order].set(keep_sorted)
+        logits_BxV = jnp.where(keep, logits_BxV, neg)
+    return logits_BxV
+
+
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_id", "pad_id", "greedy",
+                                   "top_k", "stop_ids"))
 def generate(params, config: ModelConfig, prompt_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
-             eos_id: int, pad_id: int, greedy: bool = False, temperature: float = 1.0):
-    """Returns (tokens [B, P+N], completion_mask [B, N]); the mask includes the EOS."""
+             eos_id: int, pad_id: int, greedy: bool = False, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             stop_ids: tuple[int, ...] = ()) -> Samples:
+    """Samples up to `max_new_tokens` per prompt with a KV cache; see `Samples`."""
     b, p = prompt_BxP.shape
-    tokens = jnp.concatenate([prompt_BxP, jnp.full((b, max_new_tokens), pad_id, jnp.int32)], 1)
-    valid = jnp.concatenate([prompt_mask_BxP, jnp.zeros((b, max_new_tokens), jnp.int32)], 1)
-    w_HxV = unembedding(params, config)
     model = Decoder(config)
+    cache = init_cache(config, b, p + max_new_tokens)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
+    hidden, cache = model.apply({"params": params}, prompt_BxP, positions, prompt_mask_BxP,
+                                cache=cache, cache_index=0)
+    stops = jnp.asarray((eos_id,) + tuple(stop_ids), jnp.int32)
 
     def body(i, carry):
-        tokens, valid, done = carry
-        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        hidden = model.apply({"params": params}, tokens, positions, valid)
-        logits = jnp.dot(hidden[:, p + i - 1], w_HxV.astype(hidden.dtype),
-                         preferred_element_type=jnp.float32)
+        cache, h_last, pos, done, tokens, mask, logps = carry
+        logits = logits_from_hidden(h_last[:, None], params, config)[:, 0] / temperature
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
         if greedy:
             nxt = jnp.argmax(logits, axis=-1)
         else:
-            nxt = jax.random.categorical(jax.random.fold_in(rng, i), logits / temperature)
+            filtered = filter_logits(logits, top_k=top_k, top_p=top_p, min_p=min_p)
+            nxt = jax.random.categorical(jax.random.fold_in(rng, i), filtered)
         nxt = jnp.where(done, pad_id, nxt).astype(jnp.int32)
-        tokens = tokens.at[:, p + i].set(nxt)
-        valid = valid.at[:, p + i].set(jnp.where(done, 0, 1))
-        return tokens, valid, done | (nxt == eos_id)
+        live = (~done).astype(jnp.int32)
+        tokens = tokens.at[:, i].set(nxt)
+        mask = mask.at[:, i].set(live)
+        logps = logps.at[:, i].set(jnp.where(done, 0.0, jnp.take_along_axis(
+            logp_all, nxt[:, None], axis=-1)[:, 0]))
+        pos = pos + live
+        hidden, cache = model.apply({"params": params}, nxt[:, None], pos[:, None], live[:, None],
+                                    cache=cache, cache_index=p + i)
+        done = done | jnp.isin(nxt, stops)
+        return cache, hidden[:, 0], pos, done, tokens, mask, logps
 
-    tokens, valid, _ = jax.lax.fori_loop(0, max_new_tokens, body,
-                                         (tokens, valid, jnp.zeros((b,), bool)))
-    return tokens, valid[:, p:]
+    init = (cache, hidden[:, -1], positions[:, -1], jnp.zeros((b,), bool),
+            jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+            jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b, max_new_tokens), jnp.float32))
+    _, _, _, _, tokens, mask, logps = jax.lax.fori_loop(0, max_new_tokens, body, init)
+    return Samples(jnp.concatenate([prompt_BxP, tokens], axis=1), mask, logps)
 
 
 def decode_completions(tokenizer, tokens_BxN, mask_BxN) -> list[str]:

@@ -110,20 +110,27 @@ def _token_logps(params, config, batch):
 
 def sample_groups(params, model_cfg, tokenizer, prompts: Sequence[str], group_size: int, rng, *,
                   max_new_tokens: int, temperature: float):
-    """Samples `group_size` completions per prompt; returns a batch dict and the texts."""
+    """Samples `group_size` completions per prompt; returns a batch dict and the texts.
+
+    The batch carries the sampler's behaviour log-probs as `old_logps` (no second
+    forward pass); with temperature 1 they equal the trainer's log-probs.
+    """
     repeated = [p for p in prompts for _ in range(group_size)]
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     encoded = [bos + tokenizer.encode(p) for p in repeated]
     width = -(-max(len(e) for e in encoded) // 16) * 16
     prompt, mask = left_pad(encoded, tokenizer.pad_id, width)
-    tokens, comp_mask = generate(params, model_cfg, prompt, mask, rng, max_new_tokens=max_new_tokens,
-                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, greedy=False,
-                                 temperature=temperature)
-    tokens, comp_mask = np.asarray(tokens), np.asarray(comp_mask)
+    tokens, comp_mask, logps = jax.device_get(generate(
+        params, model_cfg, prompt, mask, rng, max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, greedy=False, temperature=temperature))
     segments = np.concatenate([mask, comp_mask], 1)
+    # Behaviour log-probs aligned like shifted_logprobs: position t scores token t + 1.
+    old_logps = np.zeros((tokens.shape[0], tokens.shape[1] - 1), np.float32)
+    old_logps[:, width - 1:] = logps
     batch = {"tokens": tokens, "segment_ids": segments,
              "loss_mask": np.concatenate([np.zeros_like(mask), comp_mask], 1),
-             "positions": np.maximum(np.cumsum(segments, 1) - 1, 0).astype(np.int32)}
+             "positions": np.maximum(np.cumsum(segments, 1) - 1, 0).astype(np.int32),
+             "old_logps": old_logps}
     texts = decode_completions(tokenizer, tokens[:, width:], comp_mask)
     return batch, repeated, texts
 
@@ -152,7 +159,6 @@ def _setup(config, model_cfg: ModelConfig, workdir: str, *, online_dpo: bool) ->
                    "completions/mean_length": float(lengths.mean())}
         if online_dpo:
             return _preference_batch(batch, rewards, group), metrics
-        batch["old_logps"] = np.asarray(_token_logps(state.params, model_cfg, batch))
         if rl.kl_beta > 0:
             batch["ref_logps"] = np.asarray(_token_logps(state.frozen["reference"], model_cfg, batch))
         if config.algo == "rloo":
@@ -182,7 +188,7 @@ def _preference_batch(batch, rewards, group):
     best = grouped.argmax(1) + np.arange(grouped.shape[0]) * group
     worst = grouped.argmin(1) + np.arange(grouped.shape[0]) * group
     rows = np.stack([best, worst], 1).reshape(-1)
-    out = {k: v[rows] for k, v in batch.items()}
+    out = {k: v[rows] for k, v in batch.items() if k != "old_logps"}
     n = grouped.shape[0]
     valid = (grouped.max(1) > grouped.min(1)).astype(np.float32)  # ties teach nothing
     seq = np.where(out["segment_ids"] > 0, np.arange(2 * n, dtype=np.int32)[:, None], -1)
@@ -262,7 +268,7 @@ def ppo_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
             max_new_tokens=rl.max_new_tokens, temperature=rl.temperature)
         scores = task_reward(repeated, texts)
         mask = batch["loss_mask"][:, 1:].astype(np.float32)
-        old_logps = np.asarray(_token_logps(policy, model_cfg, batch))
+        old_logps = batch["old_logps"]
         ref_logps = np.asarray(_token_logps(state.frozen["reference"], model_cfg, batch))
         old_values = np.asarray(_token_values(critic, model_cfg, batch))
         kl_t = np.asarray(kl_estimate(old_logps, ref_logps, estimator=rl.kl_estimator)) * mask

@@ -88,7 +88,10 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxH, cos, sin, mask_Bx1x1xTxS):
+    def __call__(self, x_BxTxH, cos, sin, mask_Bx1x1xTxS, cache=None, cache_index=None):
+        """With `cache` = (k, v) [B, S, nkv, d], the new keys/values are written at
+        `cache_index` and attention runs over all S cache slots (the mask is then
+        [B, 1, 1, T, S]); returns (output, updated cache)."""
         c = self.config
         h, d, nq, nkv = c.hidden_size, c.head_size, c.num_heads, c.num_kv_heads
         dt = c.compute_dtype
@@ -107,6 +110,10 @@ class Attention(nn.Module):
         if c.qk_norm:
             q, k = RMSNorm(c, name="q_norm")(q), RMSNorm(c, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
+            cache = (k, v)
         b, t = q.shape[:2]
         q = q.reshape(b, t, nkv, nq // nkv, d)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
@@ -117,7 +124,8 @@ class Attention(nn.Module):
         scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nq, d)
-        return jnp.einsum("btnd,ndh->bth", out, wo.astype(dt))
+        out = jnp.einsum("btnd,ndh->bth", out, wo.astype(dt))
+        return out if cache is None else (out, cache)
 
 
 class MLP(nn.Module):
@@ -149,7 +157,7 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, rope, masks, is_sliding):
+    def __call__(self, x, rope, masks, is_sliding, cache=None, cache_index=None):
         c = self.config
         (cos, sin), mask = rope[0], masks[0]
         if c.rope_local_theta is not None:
@@ -157,7 +165,10 @@ class Block(nn.Module):
             sin = jnp.where(is_sliding, rope[1][1], sin)
         if any(c.sliding_layers):
             mask = jnp.where(is_sliding, masks[1], mask)
-        y = Attention(c, name="attn")(RMSNorm(c, name="attn_norm")(x), cos, sin, mask)
+        y = Attention(c, name="attn")(RMSNorm(c, name="attn_norm")(x), cos, sin, mask,
+                                      cache, cache_index)
+        if cache is not None:
+            y, cache = y
         if c.sandwich_norms:
             y = RMSNorm(c, name="post_attn_norm")(y)
         x = x + y
@@ -166,7 +177,7 @@ class Block(nn.Module):
             y = RMSNorm(c, name="post_mlp_norm")(y)
         x = x + y
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        return x, None
+        return x, cache
 
 
 _REMAT = {
@@ -186,7 +197,13 @@ class Decoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, cache=None,
+                 cache_index=None):
+        """Returns hidden states; with a `cache` (see `init_cache`) returns (hidden, cache).
+
+        Cached decoding: the T new tokens occupy cache slots [cache_index, cache_index + T);
+        they attend to every earlier valid slot (cache["valid"]) and to themselves causally.
+        """
         c = self.config
         b, t = tokens_BxT.shape
         if positions_BxT is None:
@@ -208,26 +225,49 @@ class Decoder(nn.Module):
 
         rope_full = rope(False)
         rope_local = rope(True) if c.rope_local_theta is not None else rope_full
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+        if cache is None:
+            q_slot, k_slot = jnp.arange(t), jnp.arange(t)
+            same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+        else:
+            valid = jax.lax.dynamic_update_slice_in_dim(
+                cache["valid"], (segment_ids_BxT > 0).astype(cache["valid"].dtype), cache_index, 1)
+            cache = dict(cache, valid=valid)
+            q_slot = cache_index + jnp.arange(t)
+            k_slot = jnp.arange(valid.shape[1])
+            same_segment = jnp.broadcast_to(valid[:, None, :] > 0, (b, t, valid.shape[1]))
+        causal = k_slot[None, :] <= q_slot[:, None]
         mask = (causal[None] & same_segment)[:, None, None]
         mask_sliding = mask
         if c.sliding_window is not None:
             # Window over sequence indices: within a packed segment or a
             # left-padded prompt these differ exactly as the positions do.
-            near = jnp.triu(jnp.ones((t, t), bool), k=1 - c.sliding_window)
+            near = k_slot[None, :] > q_slot[:, None] - c.sliding_window
             mask_sliding = mask & near[None, None, None]
 
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_REMAT[c.remat], prevent_cse=False)
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, 0),
-                        length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         is_sliding_L = jnp.asarray(c.sliding_layers, bool)
-        x, _ = stack(c, name="layers")(x, (rope_full, rope_local), (mask, mask_sliding),
-                                       is_sliding_L)
-        return RMSNorm(c, name="final_norm")(x)
+        if cache is None:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, 0),
+                            length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(c, name="layers")(x, (rope_full, rope_local), (mask, mask_sliding),
+                                           is_sliding_L)
+            return RMSNorm(c, name="final_norm")(x)
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+                        length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, (k, v) = stack(c, name="layers")(x, (rope_full, rope_local), (mask, mask_sliding),
+                                            is_sliding_L, (cache["k"], cache["v"]), cache_index)
+        return RMSNorm(c, name="final_norm")(x), dict(cache, k=k, v=v)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
+    """An empty KV cache for `length` slots: k, v [L, B, S, nkv, d] and valid [B, S]."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_size)
+    return {"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype),
+            "valid": jnp.zeros((batch, length), jnp.int32)}
 
 
 def unembedding(params: Any, config: ModelConfig) -> jax.Array:

@@ -12,8 +12,11 @@ Implementations (`impl=`):
   "xla"      materialises [N, V] logits; autodiff. Reference / small vocabularies.
   "chunked"  plain-JAX tiles with an online log-sum-exp and a custom_vjp that
              recomputes logits tile by tile; memory O(block_tokens * block_vocab).
-  "auto"     "chunked" on every backend for now. Pallas TPU / GPU kernels slot in
-             through `_resolve_impl` and `BlockSizes.get_default`.
+  "pallas_tpu"  Mosaic kernels (jalign/ops/_pallas_tpu.py); shard_map under a mesh.
+  "pallas_gpu"  Triton kernels plus XLA matmuls (jalign/ops/_pallas_gpu.py).
+  "auto"     "chunked" on every backend for now: the Pallas kernels are checked in
+             interpret mode and (TPU) by ahead-of-time Mosaic compiles, but not yet
+             timed on hardware (benchmarks/logprobs_gpu.py, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ import jax
 import jax.numpy as jnp
 
 from jalign.ops._chunked import token_logprobs_chunked
+from jalign.ops._pallas_gpu import token_logprobs_pallas_gpu
+from jalign.ops._pallas_tpu import token_logprobs_pallas_tpu
 from jalign.ops._reference import token_logprobs_xla
 
-IMPLS = ("auto", "xla", "chunked")
+IMPLS = ("auto", "xla", "chunked", "pallas_tpu", "pallas_gpu")
+_KERNELS = {"chunked": token_logprobs_chunked, "pallas_tpu": token_logprobs_pallas_tpu,
+            "pallas_gpu": token_logprobs_pallas_gpu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +51,13 @@ class BlockSizes:
             raise ValueError(f"block sizes must be positive, got {self}")
 
     @classmethod
-    def get_default(cls, backend: str | None = None) -> "BlockSizes":
+    def get_default(cls, backend: str | None = None, impl: str = "chunked") -> "BlockSizes":
+        if impl == "pallas_tpu":
+            # Legal Mosaic tiles; ~40 MiB of VMEM at H=4096 bf16 (shrunk to fit when larger).
+            return cls(block_tokens=512, block_vocab=512)
+        if impl == "pallas_gpu":
+            # Triton tiles (powers of two); untuned: no GPU measurement yet.
+            return cls(block_tokens=64, block_vocab=128)
         backend = backend or jax.default_backend()
         if backend == "cpu":
             # Tuned with benchmarks/logprobs.py (N=8192, H=1024, V=32k/128k, f32).
@@ -95,9 +108,10 @@ def token_logprobs(hidden_NxH, unembed_HxV, targets_N, *, temperature: float = 1
       return_max_logit: also return the per-token maximum (tempered, soft-capped)
         logit, without gradient. `logps == max_logit - lse` exactly when the
         target is the arg-max token (token accuracy without building logits).
-      impl: "auto", "xla" or "chunked" (see module docstring).
-      block_tokens, block_vocab: tile sizes for "chunked" (default:
-        `BlockSizes.get_default()` for the current backend).
+      impl: "auto", "xla", "chunked", "pallas_tpu" or "pallas_gpu" (see module
+        docstring).
+      block_tokens, block_vocab: tile sizes for "chunked" and the Pallas kernels
+        (default: `BlockSizes.get_default(impl=...)`).
 
     Returns:
       float32 log-probs with the leading shape of `targets_N` when neither
@@ -146,10 +160,10 @@ def token_logprobs(hidden_NxH, unembed_HxV, targets_N, *, temperature: float = 1
             h_NxH, w_HxV, t_N, temperature=temperature, logit_softcap=logit_softcap,
             with_entropy=return_entropy)
     else:
-        default = BlockSizes.get_default()
+        default = BlockSizes.get_default(impl=impl)
         blocks = BlockSizes(block_tokens or default.block_tokens,
                             block_vocab or default.block_vocab)
-        logps_N, lse_N, entropy_N, max_N = token_logprobs_chunked(
+        logps_N, lse_N, entropy_N, max_N = _KERNELS[impl](
             h_NxH, w_HxV, t_N, temperature=temperature, logit_softcap=logit_softcap,
             with_entropy=return_entropy, block_tokens=blocks.block_tokens,
             block_vocab=blocks.block_vocab)

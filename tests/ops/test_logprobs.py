@@ -142,7 +142,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="leading dims"):
         token_logprobs(hidden, unembed, targets[:3])
     with pytest.raises(ValueError, match="valid: auto, xla, chunked"):
-        token_logprobs(hidden, unembed, targets, impl="pallas_tpu")
+        token_logprobs(hidden, unembed, targets, impl="nope")
     with pytest.raises(ValueError, match="integers"):
         token_logprobs(hidden, unembed, targets.astype(jnp.float32))
 
