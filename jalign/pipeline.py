@@ -105,10 +105,11 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         rows["base"] = _row(summaries["sft"], "initial")
     for stage, summary in summaries.items():
         rows[stage] = _row(summary, "final")
-    table = format_table(rows)
-    print(table)
-    plot_curves(workdir, stages, os.path.join(workdir, "curves.png"))
     out = {"stages": summaries, "table": rows}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    import jax
+    if jax.process_index() == 0:
+        print(format_table(rows))
+        plot_curves(workdir, stages, os.path.join(workdir, "curves.png"))
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(out, f, indent=2)
     return out

@@ -195,7 +195,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             rollout_metrics = {}
             if setup.rollout is not None:  # online RL: sample + score outside the pure step
                 host_batch, rollout_metrics = setup.rollout(state, host_batch)
-            batch = _device_batch(host_batch, batch_sharding)
+            # Per-process pair/slot numbers become global before the batches are stacked.
+            batch = _device_batch(distributed.globalize_slots(host_batch, batch_sharding),
+                                  batch_sharding)
             state, metrics = p_step(state, batch)
             metrics = {**metrics, **rollout_metrics}
             if pending is not None:

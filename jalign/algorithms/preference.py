@@ -94,7 +94,9 @@ def _dataset_fn(config, tokenizer, records, *, paired: bool, shuffle=True, num_e
                     max_length=data.max_length, seed=config.seed, shuffle=shuffle,
                     num_epochs=num_epochs, max_prompt_length=data.max_prompt_length,
                     truncation=data.truncation, shard_index=process_index,
-                    shard_count=process_count, on_bad_row=data.on_bad_row, **kwargs)
+                    shard_count=process_count, on_bad_row=data.on_bad_row,
+                    # Several processes must agree on the padded width: one bucket then.
+                    bucket_boundaries=(data.max_length,) if process_count > 1 else None, **kwargs)
     return dataset
 
 

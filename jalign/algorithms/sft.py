@@ -41,7 +41,9 @@ def setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
             records, tokenizer, batch_size=data.batch_size // process_count,
             max_length=data.max_length, seed=config.seed, packing=data.packing,
             max_prompt_length=data.max_prompt_length, truncation=data.truncation,
-            shard_index=process_index, shard_count=process_count, on_bad_row=data.on_bad_row)
+            shard_index=process_index, shard_count=process_count, on_bad_row=data.on_bad_row,
+            # Several processes must agree on the padded width: one bucket then.
+            bucket_boundaries=(data.max_length,) if process_count > 1 else None)
 
     return AlgorithmSetup(tokenizer=tokenizer, dataset=dataset,
                           load_params=load_start_params(config),

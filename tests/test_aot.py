@@ -1,0 +1,113 @@
+"""The fit check: the configured step compiled for a TPU topology from abstract shapes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jalign import aot
+from jalign import sharding as shd
+from jalign.algorithms import get_algorithm
+from jalign.config_utils import base_config
+from jalign.models.config import ModelConfig
+from jalign.optim import make_optimizer
+from jalign.train import init_train_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = "configs/quickstart.py:test"
+SINGLE_STAGE = ["--config.pipeline.stages="]
+
+
+def _quickstart(algo):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(ROOT, "configs",
+                                                                              "quickstart.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("test")
+    config.pipeline.stages = ""
+    config.algo = algo
+    return config
+
+
+def _fit_check(tmp_path, *flags, topology="v5e:2x2"):
+    out = str(tmp_path / "fit.json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jalign.aot", f"--topology={topology}", f"--json={out}", *flags],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300)
+    if proc.returncode == 2 and "compile-only client unavailable" in proc.stderr:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    if proc.returncode not in (0, 1):
+        raise AssertionError(f"jalign.aot failed ({proc.returncode}):\n{proc.stdout}\n"
+                             f"{proc.stderr[-5000:]}")
+    print(proc.stdout)
+    return proc, json.load(open(out))
+
+
+def test_quickstart_sft_fits_v5e_2x2(tmp_path):
+    proc, fit = _fit_check(tmp_path, "--config=configs/quickstart.py:sft,test")
+    assert proc.returncode == 0 and "FITS" in proc.stdout
+    assert fit["num_devices"] == 4 and fit["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert "v5 lite" in fit["device_kind"]
+    params = ModelConfig.from_mapping(base_config().model).num_params()
+    assert fit["num_params"] == params
+    # float32 params + AdamW's two moments, split 4 ways; TPU tiles pad small
+    # arrays (a 32-wide head_dim becomes 128), hence the upper bound.
+    state = 3 * 4 * params / 4
+    assert state <= fit["argument_bytes"] <= 4 * state
+    assert fit["alias_bytes"] >= state  # the donated state is updated in place
+    assert 0 < fit["total_bytes"] < fit["hbm_bytes"] == 16 * 2**30
+    assert fit["state_bytes"]["frozen"] == 0
+
+
+def test_quickstart_dpo_counts_the_reference_and_reports_no_fit(tmp_path):
+    proc, fit = _fit_check(tmp_path, f"--config={QUICKSTART}", *SINGLE_STAGE,
+                           "--config.algo=dpo", "--hbm_gib=0.001")
+    assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout
+    assert fit["state_bytes"]["frozen"] == fit["state_bytes"]["params"] > 0
+    assert fit["batch_bytes"] > 0 and not fit["fits"]
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo", "reward", "kto"])
+def test_abstract_batch_matches_the_data_pipeline(tmp_path, algo):
+    config = _quickstart(algo)
+    model_cfg = ModelConfig.from_mapping(config.model)
+    setup = get_algorithm(algo).setup(config, model_cfg, str(tmp_path))
+    real = next(iter(setup.dataset(0, 1)))
+    abstract = aot.abstract_batch(config)
+    assert sorted(abstract) == sorted(real)
+    for key, value in real.items():
+        assert (abstract[key].shape, abstract[key].dtype) == (value.shape, value.dtype), key
+
+
+@pytest.mark.parametrize("algo", ["dpo", "reward"])
+def test_abstract_state_matches_init_train_state(algo):
+    config = _quickstart(algo)
+    model_cfg = ModelConfig.from_mapping(config.model)
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    optimizer, _ = make_optimizer(config.optimizer, 10)
+    setup = aot.abstract_setup(config, model_cfg)
+    abstract, shardings = aot.abstract_train_state(setup.params_init_fn, optimizer, mesh,
+                                                   shd.DEFAULT_RULES, seed=0,
+                                                   with_reference=setup.with_reference)
+    state, want = init_train_state(setup.params_init_fn, optimizer, mesh, shd.DEFAULT_RULES,
+                                   seed=0, with_reference=setup.with_reference)
+    assert jax.tree.structure(abstract) == jax.tree.structure(state)
+    assert (state.frozen is not None) == (algo == "dpo")
+    for a, s, w, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings),
+                          jax.tree.leaves(want), jax.tree.leaves(state)):
+        assert (a.shape, a.dtype) == (x.shape, x.dtype)
+        assert s == w == x.sharding
+
+
+def test_per_device_bytes_counts_one_shard():
+    mesh = shd.make_mesh({"fsdp": 4}, jax.devices()[:4])
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    tree = {"a": jax.ShapeDtypeStruct((8, 3), np.float32, sharding=sharding),
+            "b": jax.ShapeDtypeStruct((5,), np.int32, sharding=shd.replicated(mesh))}
+    assert aot.per_device_bytes(tree) == 2 * 3 * 4 + 5 * 4
