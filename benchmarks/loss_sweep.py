@@ -26,7 +26,6 @@ OVERRIDES = {
     "simpo": {"dpo.beta": 2.5, "dpo.simpo_gamma": 1.375},
     "cpo": {"dpo.beta": 0.1},
     "orpo": {"dpo.beta": 0.1},
-    "ipo": {"dpo.beta": 0.1},
     "sppo_hard": {"dpo.beta": 0.1},
     "rdpo": {"dpo.rdpo_alpha": 0.05},
     "sigmoid,bco_pair,sft": {"dpo.loss_weights": [0.8, 0.2, 1.0]},
@@ -83,10 +82,10 @@ def main():
         for key, value in OVERRIDES.get(loss, {}).items():
             _set(config, key, value)
         t0 = time.perf_counter()
-        summary = run(config, os.path.join(args.workdir, name.replace(",", "+")))
+        run_dir = os.path.join(args.workdir, "loss_" + name.replace(",", "+"))
+        summary = run(config, run_dir)
         final = summary["final"]
-        metrics = [json.loads(line) for line in open(os.path.join(args.workdir, name.replace(",", "+"),
-                                                                 "metrics.jsonl"))]
+        metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         finite = all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
         rows[name] = {"gold_greedy": final["gold_reward/greedy"],
                       "gold_sampled": final["gold_reward/sampled"],

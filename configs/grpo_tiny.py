@@ -25,7 +25,7 @@ def get_config(arg: str = ""):
     config.data.task = "sort"
     config.data.batch_size = 8          # prompts per step; x group_size completions
     config.data.max_length = 48
-    config.optimizer.learning_rate = 5e-5
+    config.optimizer.learning_rate = 2e-4
     config.optimizer.warmup_steps = 5
     config.optimizer.schedule = "constant"
     config.rl.group_size = 8
@@ -50,9 +50,7 @@ def get_config(arg: str = ""):
         config.rl.group_size = 1
         config.data.batch_size = 32
         config.rl.num_iterations = 4
-        config.optimizer.learning_rate = 3e-5
     elif algo == "online_dpo":
-        config.optimizer.learning_rate = 1e-4
         config.dpo.beta = 0.5
     if "test" in variants:
         config.data.batch_size = 4 if algo != "rloo" else 8
