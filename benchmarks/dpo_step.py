@@ -1,6 +1,7 @@
 """DPO train-step throughput of jalign on the issue's benchmark shape.
 
-    python benchmarks/dpo_step.py [--preset bench] [--pairs 8] [--prompt 64] [--response 64] [--steps 10]
+    python benchmarks/dpo_step.py [--preset bench] [--pairs 8] [--prompt 64] [--response 64]
+                                  [--steps 10] [--logprob-impl auto]
 
 One step = policy forward over chosen + rejected (one [2B, T] pass), reference
 forward (frozen params in the state), policy backward, AdamW update; sigmoid DPO
@@ -39,6 +40,26 @@ from jalign.steps.preference import make_dpo_step
 from jalign.train import decoder_init_fn, init_train_state
 
 
+def _cpu_snapshot():
+    """(machine busy CPU seconds, this process's CPU seconds); machine part is None off Linux."""
+    own = sum(os.times()[:2])
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        busy = None
+    return busy, own
+
+
+def _others_cpu_share(start, end, wall_s):
+    """Average number of cores kept busy by other processes between two snapshots."""
+    if start[0] is None or end[0] is None:
+        return None
+    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / wall_s)
+
+
 def synthetic_batch(cfg: ModelConfig, pairs: int, prompt: int, response: int, seed: int = 0):
     """A padded preference batch of random tokens: 2 * pairs rows of prompt + response."""
     rng = np.random.default_rng(seed)
@@ -68,8 +89,10 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--learning-rate", type=float, default=1e-6)
+    parser.add_argument("--logprob-impl", default="auto", choices=["auto", "xla", "chunked"])
     args = parser.parse_args()
 
+    load_start = os.getloadavg()[0]  # the machine may be shared: note its load
     cfg = ModelConfig(**PRESETS[args.preset])
     mesh = shd.make_mesh({"fsdp": -1})
     opt = optax.adamw(args.learning_rate)
@@ -77,7 +100,7 @@ def main():
                                         seed=0, with_reference=True)
     batch_sharding = shd.data_sharding(mesh, shd.DEFAULT_RULES)
     step_fn = make_dpo_step(cfg, opt, loss_fn=functools.partial(dpo_loss, beta=args.beta),
-                            reference="params")
+                            reference="params", logprob_impl=args.logprob_impl)
     step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,))
     batch = jax.device_put(synthetic_batch(cfg, args.pairs, args.prompt, args.response),
@@ -89,11 +112,13 @@ def main():
         jax.block_until_ready((state, metrics))
         compile_s = time.perf_counter() - t0
         times = []
+        cpu0, w0 = _cpu_snapshot(), time.perf_counter()
         for _ in range(args.steps):
             t0 = time.perf_counter()
             state, metrics = step(state, batch)
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t0)
+        others = _others_cpu_share(cpu0, _cpu_snapshot(), time.perf_counter() - w0)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not np.isfinite(metrics["loss"]):
         raise FloatingPointError(f"non-finite DPO loss: {metrics}")
@@ -104,17 +129,20 @@ def main():
         "benchmark": "dpo_step_jalign", "preset": args.preset, "pairs": args.pairs,
         "sequences": rows, "seq_len": t, "prompt_len": args.prompt,
         "response_len": args.response, "dtype": cfg.dtype, "loss": "sigmoid", "beta": args.beta,
-        "reference_forward": True, "step_time_s": step_time, "step_time_min_s": min(times),
-        "step_times_s": times,
+        "reference_forward": True, "logprob_impl": args.logprob_impl,
+        "step_time_s": step_time, "step_time_min_s": min(times), "step_times_s": times,
         "tokens_per_s": rows * t / step_time,
         "response_tokens_per_s": rows * args.response / step_time,
         "compile_and_first_step_s": compile_s, "final_loss": metrics["loss"],
+        "other_processes_cores_busy": others,
+        "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0],
         "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
         "threads": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
     }
     print(f"jalign DPO step {args.preset}: {args.pairs} pairs x {t} tokens "
-          f"({args.prompt} prompt + {args.response} response): median {step_time * 1e3:.1f} ms/step "
+          f"({args.prompt} prompt + {args.response} response): "
+          f"median {step_time * 1e3:.1f} ms/step "
           f"= {result['tokens_per_s']:,.0f} tokens/s (chosen+rejected, all tokens), "
           f"{result['response_tokens_per_s']:,.0f} response tokens/s")
     print(json.dumps(result))

@@ -1,7 +1,8 @@
 """Peer measurement for benchmarks/dpo_step.py: TRL's DPOTrainer on the same shape, on this CPU.
 
     pip install torch==2.13.0 trl transformers datasets accelerate   # not jalign dependencies
-    python benchmarks/trl_dpo_peer.py [--pairs 8] [--prompt 64] [--response 64] [--warmup 3] [--steps 20]
+    python benchmarks/trl_dpo_peer.py [--pairs 8] [--prompt 64] [--response 64]
+                                      [--warmup 3] [--steps 20] [--threads 2]
 
 A randomly initialised LlamaForCausalLM of jalign's "bench" preset (vocab 4096,
 hidden 256, 4 layers, 4 heads / 4 KV heads, intermediate 688, tied embeddings,
@@ -13,7 +14,11 @@ prompt + response, and no logging, saving or evaluation. Gradient checkpointing
 is turned off and float32 is forced (TRL's config defaults would turn on
 checkpointing and bf16 autocast), so that both frameworks do the same work:
 policy forward over chosen + rejected, reference forward, policy backward and
-the optimizer update.
+the optimizer update. TRL's step also does what DPOTrainer always does: its
+fused LM head computes per-token entropy / mean logit / top-1 metrics next to
+the log-probs, the loss metrics are gathered with `.item()`, and gradients are
+clipped to norm 1.0 (Trainer's default); jalign's step computes its metrics in
+the same jitted step and does not clip.
 
 Nothing touches the network. TRL 1.16 tokenizes text itself, so the data is
 text over an in-memory word-level tokenizer whose words are "t0".."t4093" (one
@@ -48,6 +53,26 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+
+def _cpu_snapshot():
+    """(machine busy CPU seconds, this process's CPU seconds); machine part is None off Linux."""
+    own = sum(os.times()[:2])
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        busy = None
+    return busy, own
+
+
+def _others_cpu_share(start, end, wall_s):
+    """Average number of cores kept busy by other processes between two snapshots."""
+    if start[0] is None or end[0] is None:
+        return None
+    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / wall_s)
 
 
 def make_tokenizer(vocab_size: int):
@@ -92,6 +117,7 @@ def main():
     parser.add_argument("--beta", type=float, default=0.1)
     args = parser.parse_args()
 
+    load_start = os.getloadavg()[0]  # the machine may be shared: note its load
     import torch
     import transformers
     import trl
@@ -118,6 +144,8 @@ def main():
 
         def on_step_begin(self, train_args, state, control, **kwargs):
             self.begin = time.perf_counter()
+            if state.global_step == args.warmup:  # the first measured step
+                self.cpu0, self.t0 = _cpu_snapshot(), self.begin
 
         def on_step_end(self, train_args, state, control, **kwargs):
             now = time.perf_counter()
@@ -125,6 +153,7 @@ def main():
             if self.last_end is not None:
                 self.wall.append(now - self.last_end)
             self.last_end = now
+            self.cpu1, self.t1 = _cpu_snapshot(), now
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out_dir:
@@ -146,9 +175,13 @@ def main():
         t0 = time.perf_counter()
         train_out = trainer.train()
         train_s = time.perf_counter() - t0
+        checkpointing = any(getattr(m, "gradient_checkpointing", False)
+                            for m in trainer.model.modules())
+        assert not checkpointing, "gradient checkpointing must stay off"
 
+    others = _others_cpu_share(timer.cpu0, timer.cpu1, timer.t1 - timer.t0)
     measured = timer.compute[args.warmup:]
-    wall = timer.wall[args.warmup:]  # wall[i] ends at step i + 1
+    wall = timer.wall[max(args.warmup - 1, 0):]  # wall[i] ends at step i + 1 (0-based)
     assert len(measured) == args.steps, (len(timer.compute), total_steps)
     step_time = statistics.median(measured)
     rows = 2 * args.pairs
@@ -158,18 +191,24 @@ def main():
         "response_len": args.response, "dtype": "float32", "loss": "sigmoid", "beta": args.beta,
         "reference_forward": True, "gradient_checkpointing": False,
         "attn_implementation": trainer.model.config._attn_implementation,
-        "optimizer": str(config.optim), "step_time_s": step_time, "step_time_min_s": min(measured),
-        "step_times_s": measured,
-        "tokens_per_s": rows * t / step_time, "response_tokens_per_s": rows * args.response / step_time,
+        "optimizer": str(getattr(config.optim, "value", config.optim)),
+        "step_time_s": step_time, "step_time_min_s": min(measured), "step_times_s": measured,
+        "tokens_per_s": rows * t / step_time,
+        "response_tokens_per_s": rows * args.response / step_time,
         "wall_step_time_s": statistics.median(wall) if wall else None,
         "wall_tokens_per_s": rows * t / statistics.median(wall) if wall else None,
         "train_runtime_s": train_s, "train_loss": float(train_out.training_loss),
-        "torch": torch.__version__, "trl": trl.__version__, "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "other_processes_cores_busy": others,
+        "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0],
+        "torch": torch.__version__, "trl": trl.__version__,
+        "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
     }
-    print(f"TRL DPOTrainer: {args.pairs} pairs x {t} tokens ({args.prompt} prompt + {args.response} "
-          f"response): median {step_time * 1e3:.1f} ms/step = {result['tokens_per_s']:,.0f} tokens/s "
-          f"(chosen+rejected, all tokens), {result['response_tokens_per_s']:,.0f} response tokens/s; "
+    print(f"TRL DPOTrainer: {args.pairs} pairs x {t} tokens "
+          f"({args.prompt} prompt + {args.response} response): "
+          f"median {step_time * 1e3:.1f} ms/step = {result['tokens_per_s']:,.0f} tokens/s "
+          f"(chosen+rejected, all tokens), "
+          f"{result['response_tokens_per_s']:,.0f} response tokens/s; "
           f"step-to-step wall {result['wall_step_time_s'] * 1e3:.1f} ms")
     print(json.dumps(result))
 
