@@ -160,9 +160,9 @@ def test_greedy_generation_matches_transformers(hf_model, family):
     prompts = [[5, 17, 3], [9, 8, 7, 6, 5, 4]]
     tokens, mask = left_pad(prompts, pad_id=0)
     new = 10
-    out, _ = generate(params, config, jnp.asarray(tokens), jnp.asarray(mask), jax.random.PRNGKey(0),
-                      max_new_tokens=new, eos_id=-1, pad_id=0, greedy=True)
-    for row, prompt in zip(np.asarray(out), prompts):
+    out = generate(params, config, jnp.asarray(tokens), jnp.asarray(mask), jax.random.PRNGKey(0),
+                   max_new_tokens=new, eos_id=-1, pad_id=0, greedy=True)
+    for row, prompt in zip(np.asarray(out.tokens), prompts):
         with torch.no_grad():
             want = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].numpy()
