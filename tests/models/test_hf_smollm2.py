@@ -60,7 +60,7 @@ def test_smollm2_matches_transformers_and_answers(smollm2):
 
     pad = tokenizer.pad_token_id or 0
     tokens, mask = left_pad([ids], pad_id=pad)
-    out, keep = generate(params, config, jnp.asarray(tokens), jnp.asarray(mask),
+    out, keep, _ = generate(params, config, jnp.asarray(tokens), jnp.asarray(mask),
                          jax.random.PRNGKey(0), max_new_tokens=24, eos_id=tokenizer.eos_token_id,
                          pad_id=pad, greedy=True)
     answer = tokenizer.decode([int(t) for t, k in zip(np.asarray(out)[0, tokens.shape[1]:],
