@@ -165,3 +165,19 @@ def test_dpo_step_sharded_equals_single_device(mesh_shape):
     (m1, g1), (m8, g8) = results
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
     chex.assert_trees_all_close(g1, g8, rtol=1e-5, atol=1e-7)
+
+
+def test_tr_dpo_syncs_the_reference_every_n_steps():
+    opt = optax.sgd(1e-2)
+    state, _ = init_train_state(decoder_init_fn(CFG), opt, _mesh(), shd.DEFAULT_RULES, seed=0,
+                                with_reference=True)
+    step = jax.jit(make_dpo_step(CFG, opt, loss_fn=functools.partial(losses.dpo_loss, beta=0.1),
+                                 ref_sync_every=2, ref_sync_mixup=0.5))
+    batch = _batches(1)[0]
+    ref0 = state.frozen["reference"]
+    s1, _ = step(state, batch)            # step 1: no sync
+    chex.assert_trees_all_close(s1.frozen["reference"], ref0)
+    s2, _ = step(s1, batch)               # step 2: reference = 0.5 policy + 0.5 reference
+    want = jax.tree.map(lambda p, r: 0.5 * p + 0.5 * r, s2.params, s1.frozen["reference"])
+    chex.assert_trees_all_close(s2.frozen["reference"], want, rtol=1e-6)
+    assert not np.allclose(np.asarray(s2.frozen["reference"]["embed"]), np.asarray(ref0["embed"]))
