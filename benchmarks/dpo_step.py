@@ -36,7 +36,7 @@ import optax
 from jalign import sharding as shd
 from jalign.losses import dpo_loss
 from jalign.models.config import PRESETS, ModelConfig
-from jalign.steps.preference import make_dpo_step
+from jalign.steps.preference import make_dpo_step, reference_logps_fn
 from jalign.train import decoder_init_fn, init_train_state
 
 
@@ -90,21 +90,28 @@ def main():
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--learning-rate", type=float, default=1e-6)
     parser.add_argument("--logprob-impl", default="auto", choices=["auto", "xla", "chunked"])
+    parser.add_argument("--reference", default="params", choices=["params", "precomputed"],
+                        help="params: frozen reference forward every step (TRL's default); "
+                             "precomputed: reference log-probs stored with the data")
     args = parser.parse_args()
 
     load_start = os.getloadavg()[0]  # the machine may be shared: note its load
     cfg = ModelConfig(**PRESETS[args.preset])
     mesh = shd.make_mesh({"fsdp": -1})
     opt = optax.adamw(args.learning_rate)
+    precomputed = args.reference == "precomputed"
     state, shardings = init_train_state(decoder_init_fn(cfg), opt, mesh, shd.DEFAULT_RULES,
-                                        seed=0, with_reference=True)
+                                        seed=0, with_reference=not precomputed)
     batch_sharding = shd.data_sharding(mesh, shd.DEFAULT_RULES)
     step_fn = make_dpo_step(cfg, opt, loss_fn=functools.partial(dpo_loss, beta=args.beta),
-                            reference="params", logprob_impl=args.logprob_impl)
+                            reference=args.reference, logprob_impl=args.logprob_impl)
     step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,))
-    batch = jax.device_put(synthetic_batch(cfg, args.pairs, args.prompt, args.response),
-                           batch_sharding)
+    host_batch = synthetic_batch(cfg, args.pairs, args.prompt, args.response)
+    if precomputed:  # what the precompute pass would have stored next to the data
+        ref = jax.jit(reference_logps_fn(cfg, logprob_impl=args.logprob_impl))(state.params, host_batch)
+        host_batch.update({k: np.asarray(v) for k, v in ref.items()})
+    batch = jax.device_put(host_batch, batch_sharding)
 
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
@@ -129,7 +136,7 @@ def main():
         "benchmark": "dpo_step_jalign", "preset": args.preset, "pairs": args.pairs,
         "sequences": rows, "seq_len": t, "prompt_len": args.prompt,
         "response_len": args.response, "dtype": cfg.dtype, "loss": "sigmoid", "beta": args.beta,
-        "reference_forward": True, "logprob_impl": args.logprob_impl,
+        "reference_forward": not precomputed, "reference": args.reference, "logprob_impl": args.logprob_impl,
         "step_time_s": step_time, "step_time_min_s": min(times), "step_times_s": times,
         "tokens_per_s": rows * t / step_time,
         "response_tokens_per_s": rows * args.response / step_time,

@@ -115,6 +115,9 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--precompute-ref", action="store_true",
+                        help="TRL's precompute_ref_log_probs: reference log-probs computed once "
+                             "before training (compare with dpo_step.py --reference=precomputed)")
     args = parser.parse_args()
 
     load_start = os.getloadavg()[0]  # the machine may be shared: note its load
@@ -163,10 +166,11 @@ def main():
             beta=args.beta, loss_type=["sigmoid"], bf16=False, fp16=False,
             gradient_checkpointing=False, use_cpu=True, report_to="none",
             logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
-            dataloader_num_workers=0, seed=0)
+            dataloader_num_workers=0, seed=0, precompute_ref_log_probs=args.precompute_ref)
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[timer])
-        assert trainer.ref_model is not None, "the reference forward must run every step"
+        if not args.precompute_ref:
+            assert trainer.ref_model is not None, "the reference forward must run every step"
         # Check the shape of what TRL feeds the model: [2 * pairs, prompt + response].
         sample = trainer.data_collator([trainer.train_dataset[i] for i in range(args.pairs)])
         assert tuple(sample["input_ids"].shape) == (2 * args.pairs, t), sample["input_ids"].shape
@@ -189,7 +193,7 @@ def main():
         "benchmark": "dpo_step_trl_peer", "implementation": "trl.DPOTrainer",
         "pairs": args.pairs, "sequences": rows, "seq_len": t, "prompt_len": args.prompt,
         "response_len": args.response, "dtype": "float32", "loss": "sigmoid", "beta": args.beta,
-        "reference_forward": True, "gradient_checkpointing": False,
+        "reference_forward": not args.precompute_ref, "gradient_checkpointing": False,
         "attn_implementation": trainer.model.config._attn_implementation,
         "optimizer": str(getattr(config.optim, "value", config.optim)),
         "step_time_s": step_time, "step_time_min_s": min(measured), "step_times_s": measured,
