@@ -182,3 +182,41 @@ def test_bad_data_row_names_file_line_and_field(tmp_path):
     proc = _run(str(tmp_path / "w2"), "--config.data.source=jsonl", f"--config.data.path={data}",
                 "--config.data.on_bad_row=skip")
     assert "missing_field" in proc.stdout or "missing" in proc.stdout
+
+
+def test_persistent_nan_is_skipped_then_stops_the_run(tmp_path, monkeypatch):
+    """From step 4 on the loss is NaN: each step is skipped (state unchanged, so the poison
+    persists), logged in metrics.jsonl, and the 5th consecutive skip stops the run naming it."""
+    import importlib.util
+
+    import jax.numpy as jnp
+    import jalign.algorithms as algorithms
+    from jalign.train import run
+
+    original = algorithms.get_algorithm("sft").make_step
+
+    def make_step_with_a_nan(*args):
+        step = original(*args)
+
+        def poisoned(state, batch):
+            new_state, metrics = step(state, batch)
+            return new_state, dict(metrics, loss=jnp.where(state.step >= 3, jnp.nan, metrics["loss"]))
+        return poisoned
+
+    monkeypatch.setitem(algorithms._ALGORITHMS, "sft", algorithms.Algorithm(
+        algorithms.get_algorithm("sft").setup, make_step_with_a_nan))
+    spec = importlib.util.spec_from_file_location("qs", os.path.join(ROOT, "configs", "quickstart.py"))
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    config = quickstart.get_config("sft,test")
+    config.train.num_steps = 20
+    config.train.eval_every = 0
+    config.train.eval_at_start = False
+    config.train.checkpoint_every = 2
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match="step 8: 5 consecutive steps had a non-finite"):
+        run(config, workdir)
+    metrics = _metrics(workdir)
+    assert [metrics[s]["skipped_nonfinite"] for s in range(1, 8)] == [0, 0, 0, 1, 1, 1, 1]
+    assert all(np.isfinite(metrics[s]["loss"]) for s in (1, 2, 3))
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # the last good state is kept
