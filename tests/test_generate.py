@@ -69,3 +69,28 @@ def test_filters():
     assert keep(filter_logits(logits, top_p=0.7)) == [True, True, False, False]
     assert keep(filter_logits(logits, top_p=0.85)) == [True, True, True, False]
     assert keep(filter_logits(logits, min_p=0.2)) == [True, True, True, False]
+
+
+def test_sampling_on_8_devices_keeps_the_batch_sharded():
+    import optax
+
+    from jalign import sharding as shd
+    from jalign.train import decoder_init_fn, init_train_state
+
+    mesh = shd.make_mesh({"data": 2, "fsdp": 4}, jax.devices()[:8])
+    state, _ = init_train_state(decoder_init_fn(CFG), optax.sgd(0.0), mesh, shd.DEFAULT_RULES, seed=0)
+    prompts, mask = left_pad([[5 + i, 6, 7 + i % 3] for i in range(16)], pad_id=0)
+    rows = shd.data_sharding(mesh, shd.DEFAULT_RULES)
+    prompts, mask = jax.device_put(prompts, rows), jax.device_put(mask, rows)
+    key = jax.device_put(jax.random.PRNGKey(0), shd.replicated(mesh))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES), \
+            jax.transfer_guard_device_to_host("disallow"):
+        out = generate(state.params, CFG, prompts, mask, key, max_new_tokens=6, eos_id=2, pad_id=0)
+    for array in out:
+        assert len(array.sharding.device_set) == 8
+        # Each device holds 16 / 8 = 2 rows, not the whole batch.
+        assert {shard.data.shape[0] for shard in array.addressable_shards} == {2}
+    # Same samples as on one device.
+    single = generate(jax.device_get(state.params), CFG, np.asarray(prompts), np.asarray(mask),
+                      jax.random.PRNGKey(0), max_new_tokens=6, eos_id=2, pad_id=0)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(single.tokens))
