@@ -106,6 +106,19 @@ def epoch_dataset(records: Sequence[Mapping], *, seed: int, shuffle: bool = True
     return ds.repeat(num_epochs)
 
 
+def tokenized_examples(records: Sequence[Mapping], tokenize, *, seed: int, shuffle: bool,
+                       num_epochs: int | None, shard_index: int, shard_count: int,
+                       read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+    """This process's records, shuffled per epoch, mapped by `tokenize` (None = skipped)."""
+    return (
+        epoch_dataset(records, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                      shard_index=shard_index, shard_count=shard_count)
+        .map(tokenize)
+        # Records skipped by `tokenize` are None; to_iter_dataset drops them.
+        .to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
+    )
+
+
 @dataclasses.dataclass
 class _TokenizeSFT:
     """Picklable map function: (index, record) -> example, or None to skip."""
@@ -280,13 +293,9 @@ def make_sft_dataset(
             f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     tokenize = _TokenizeSFT(tokenizer, max_length, max_prompt_length, truncation,
                             add_bos, on_bad_row, skip_report)
-    examples = (
-        epoch_dataset(records, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                      shard_index=shard_index, shard_count=shard_count)
-        .map(tokenize)
-        # Records skipped by `tokenize` are None; to_iter_dataset drops them.
-        .to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
-    )
+    examples = tokenized_examples(records, tokenize, seed=seed, shuffle=shuffle,
+                                  num_epochs=num_epochs, shard_index=shard_index,
+                                  shard_count=shard_count, read_options=read_options)
     if packing:
         return pack_and_batch(examples, batch_size=batch_size,
                               max_length=max_length, pad_id=tokenizer.pad_id,

@@ -56,7 +56,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jalign.data.pipeline import DEFAULT_READ_OPTIONS, _resolve_boundaries, epoch_dataset
+from jalign.data.pipeline import _resolve_boundaries, tokenized_examples
 from jalign.data.sft import TRUNCATION_MODES, TokenizerLike, tokenize_prompt_completion
 from jalign.data.sources import (ON_BAD_ROW, ORIGIN_KEY, DataError, SkipReport,
                                  load_records, records_from_dicts, validate_record)
@@ -429,13 +429,9 @@ def _make_dataset(records, tokenizer, *, paired, batch_size, max_length, seed,
     extra_keys = ref_fields if with_ref else ()
     prepare = _Prepare(records, tokenizer, paired, with_ref, max_length,
                        max_prompt_length, truncation, on_bad_row, skip_report)
-    examples = (
-        epoch_dataset(records, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                      shard_index=shard_index, shard_count=shard_count)
-        .map(prepare)
-        # Skipped records are None; to_iter_dataset drops them.
-        .to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
-    )
+    examples = tokenized_examples(records, prepare, seed=seed, shuffle=shuffle,
+                                  num_epochs=num_epochs, shard_index=shard_index,
+                                  shard_count=shard_count, read_options=read_options)
     if packing:
         rows = max(batch_size, 2) if packed_rows is None else packed_rows
         if rows < 2:
