@@ -135,7 +135,8 @@ def sample_groups(params, model_cfg, tokenizer, prompts: Sequence[str], group_si
     return batch, repeated, texts
 
 
-def _setup(config, model_cfg: ModelConfig, workdir: str, *, online_dpo: bool) -> AlgorithmSetup:
+def _rl_inputs(config, model_cfg: ModelConfig):
+    """(tokenizer, task, training prompts, reward function) of an online-RL run."""
     from jalign.tasks import get_task
     if config.data.source != "task":
         raise ValueError(f"config.algo={config.algo!r} samples prompts from a built-in task; set "
@@ -143,9 +144,14 @@ def _setup(config, model_cfg: ModelConfig, workdir: str, *, online_dpo: bool) ->
     tokenizer = load_tokenizer(config)
     check_vocab(model_cfg, tokenizer)
     task = get_task(config.data.task)
-    rl = config.rl
     prompts = task.prompts(config.data.num_train_examples, seed=config.seed)
-    reward_fn = make_reward_fn(config, model_cfg, tokenizer, task)
+    return tokenizer, task, prompts, make_reward_fn(config, model_cfg, tokenizer, task)
+
+
+def _setup(config, model_cfg: ModelConfig, workdir: str, *, online_dpo: bool,
+           inputs=None) -> AlgorithmSetup:
+    tokenizer, task, prompts, reward_fn = inputs or _rl_inputs(config, model_cfg)
+    rl = config.rl
     group = rl.group_size
 
     def rollout(state, prompt_batch):
@@ -234,17 +240,16 @@ def _token_values(params, config, batch):
 
 def ppo_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
     """PPO: policy + separate critic (a scalar model, from the reward model if given)."""
-    import flax.linen as nn  # noqa: F401
     from jax import numpy as jnp
     from jalign.checkpoint import load_params
     from jalign.losses.rl import gae_advantages, kl_estimate, whiten
     from jalign.models.heads import scalar_model_init_fn
     from jalign.train import decoder_init_fn
 
-    base = _setup(config, model_cfg, workdir, online_dpo=False)
+    inputs = _rl_inputs(config, model_cfg)  # one reward function (and reward model) for both
+    base = _setup(config, model_cfg, workdir, online_dpo=False, inputs=inputs)
     rl = config.rl
-    task_reward = make_reward_fn(config, model_cfg, base.tokenizer,
-                                 __import__("jalign.tasks", fromlist=["get_task"]).get_task(config.data.task))
+    task_reward = inputs[3]
 
     def params_init(rng):
         p_rng, c_rng = jax.random.split(rng)
