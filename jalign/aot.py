@@ -38,7 +38,6 @@ from jalign.algorithms.common import AlgorithmSetup
 from jalign.config_utils import validate_config
 from jalign.models.config import ModelConfig
 from jalign.optim import make_optimizer
-from jalign.state import TrainState
 
 GIB = 1024 ** 3
 # HBM per chip (one JAX device per chip on all of these).
@@ -134,17 +133,15 @@ def abstract_setup(config, model_cfg: ModelConfig) -> AlgorithmSetup:
 
 
 def abstract_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
-                         with_reference: bool):
+                         with_reference: bool, model_cfg: ModelConfig | None = None):
     """(state as ShapeDtypeStructs carrying their shardings, state shardings).
 
-    The same derivation as `jalign.train.init_train_state`, stopped before any
-    array exists.
+    The same derivation as `jalign.train.init_train_state` (LoRA included), stopped
+    before any array exists.
     """
-    def state_from_params(params):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed + 1),
-                          frozen={"reference": params} if with_reference else None)
-
+    from jalign.train import make_state_fn
+    state_from_params = make_state_fn(optimizer, seed=seed, with_reference=with_reference,
+                                      model_cfg=model_cfg)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     boxed = jax.eval_shape(lambda r: state_from_params(params_init_fn(r)), key)
     shardings = shd.logical_shardings(boxed, mesh, rules)
@@ -208,7 +205,7 @@ def fit_check(config: ml_collections.ConfigDict, topology: str, *,
     optimizer, schedule = make_optimizer(config.optimizer, config.train.num_steps)
     state, state_shardings = abstract_train_state(
         setup.params_init_fn, optimizer, mesh, rules, seed=config.seed,
-        with_reference=setup.with_reference)
+        with_reference=setup.with_reference, model_cfg=model_cfg)
     batch_sharding = shd.data_sharding(mesh, rules)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in abstract_batch(config).items()}

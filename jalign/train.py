@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from jalign import checkpoint as ckpt
+from jalign import lora
 from jalign import distributed
 from jalign import sharding as shd
 from jalign.algorithms import get_algorithm
@@ -42,41 +43,59 @@ def decoder_init_fn(model_cfg: ModelConfig):
     return init
 
 
+def make_state_fn(optimizer, *, seed: int, with_reference: bool | str = False,
+                  frozen_extra: dict | None = None, model_cfg: ModelConfig | None = None):
+    """params -> TrainState: how the loop (and `jalign.aot`) builds a state from params.
+
+    With `with_reference`, a frozen copy of the params (or of their subtree it
+    names, e.g. "policy") is `frozen["reference"]`, with no optimizer state. With
+    LoRA (`model_cfg.lora_rank > 0`) the params are split (`jalign.lora.split`):
+    only the adapters (and scalar heads) are trained and get optimizer state; the
+    rest is `frozen["base"]`, stored as `lora_base_dtype` / quantised. No
+    reference copy is made then: the base without adapters *is* the reference.
+    Works on boxed (logically annotated) and plain trees alike.
+    """
+    use_lora = model_cfg is not None and model_cfg.lora_rank > 0
+
+    def state_from_params(params):
+        frozen = dict(frozen_extra or {})
+        if use_lora:
+            params, base = lora.split(params)
+            frozen["base"] = lora.freeze_base(base, model_cfg)
+        elif with_reference:
+            frozen["reference"] = params[with_reference] if isinstance(with_reference, str) else params
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed + 1),
+                          frozen=frozen or None)
+    return state_from_params
+
+
 def init_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
                      load_params=None, with_reference: bool | str = False,
-                     frozen_extra: dict | None = None):
+                     frozen_extra: dict | None = None, model_cfg: ModelConfig | None = None):
     """Creates the train state already sharded (the full model never sits on one device).
 
     `params_init_fn(rng)` returns logically-annotated (boxed) params, e.g.
     `decoder_init_fn(model_cfg)`. `load_params(abstract_params)`, if given, returns
     starting params (a dict whose top-level entries replace the fresh ones; None
     keeps the fresh entry) placed on the shardings of `abstract_params`, e.g. an
-    earlier stage's model. With `with_reference`, a frozen copy of the starting
-    params (or of their subtree `with_reference` names, e.g. "policy") is kept in
-    `state.frozen["reference"]`, sharded like the policy, with no optimizer state.
-    `frozen_extra` adds other frozen scalars/trees (e.g. an adaptive KL coefficient).
-    Returns (state, state_shardings).
+    earlier stage's model. `with_reference`, `frozen_extra` and LoRA (from
+    `model_cfg`): see `make_state_fn`. Returns (state, state_shardings).
     """
-    def state_from_params(params):
-        frozen = dict(frozen_extra or {})
-        if with_reference:
-            frozen["reference"] = params[with_reference] if isinstance(with_reference, str) else params
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed + 1),
-                          frozen=frozen or None)
-
+    state_from_params = make_state_fn(optimizer, seed=seed, with_reference=with_reference,
+                                      frozen_extra=frozen_extra, model_cfg=model_cfg)
     key = jax.random.PRNGKey(seed)
-    abstract = jax.eval_shape(lambda r: state_from_params(params_init_fn(r)), key)
-    shardings = shd.logical_shardings(abstract, mesh, rules)
+    boxed_params = jax.eval_shape(params_init_fn, key)
+    param_shardings = shd.logical_shardings(boxed_params, mesh, rules)
+    shardings = shd.logical_shardings(jax.eval_shape(state_from_params, boxed_params), mesh, rules)
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda r: nn.meta.unbox(state_from_params(params_init_fn(r))),
-                        out_shardings=shardings)(key)
+        params = jax.jit(lambda r: nn.meta.unbox(params_init_fn(r)),
+                         out_shardings=param_shardings)(key)
         if load_params is not None:
-            abstract_params = _abstract_with_shardings(state.params, shardings.params)
-            loaded = load_params(abstract_params)
-            params = _overlay(state.params, loaded)
-            state = jax.jit(state_from_params, in_shardings=(shardings.params,),
-                            out_shardings=shardings)(params)
+            loaded = load_params(_abstract_with_shardings(params, param_shardings))
+            params = _overlay(params, loaded)
+        state = jax.jit(state_from_params, in_shardings=(param_shardings,),
+                        out_shardings=shardings, donate_argnums=(0,))(params)
     return state, shardings
 
 
@@ -148,35 +167,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, state_shardings = init_train_state(
         setup.params_init_fn or decoder_init_fn(model_cfg), optimizer, mesh, rules,
         seed=config.seed, load_params=setup.load_params, with_reference=setup.with_reference,
-        frozen_extra=setup.frozen_extra)
+        frozen_extra=setup.frozen_extra, model_cfg=model_cfg)
     step_fn = algo.make_step(config, model_cfg, optimizer, schedule, setup)
     batch_sharding = shd.data_sharding(mesh, rules)
     p_step = jax.jit(skip_nonfinite(step_fn), in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
     if setup.prepare is not None:
-        setup.prepare(state.params)  # e.g. a precompute pass over the data with the start params
+        setup.prepare(model_view(state, setup.with_reference).params)  # e.g. a precompute pass over the data with the start params
     dataset = setup.dataset(jax.process_index(), jax.process_count())
     data_iter = iter(dataset)
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
                                 keep=train_cfg.keep_checkpoints,
                                 async_save=train_cfg.get("async_checkpointing", True))
-    # The starting policy, kept for "KL to the start" in evaluation.
-    start_params = (jax.tree.map(jnp.copy, state.params)
-                    if setup.evaluate is not None and config.eval.kl_to_start else None)
+    # The starting policy, kept for "KL to the start" in evaluation (with LoRA, the
+    # base: the model with its adapters disabled, no copy).
+    start_copy = None
+    if setup.evaluate is not None and config.eval.kl_to_start and not _is_lora(state):
+        start_copy = jax.tree.map(jnp.copy, state.params)
+
+    def evaluate(state):
+        # The base is read from the current state: donated steps replace its buffers.
+        start = state.frozen["base"] if _is_lora(state) and config.eval.kl_to_start else start_copy
+        return setup.evaluate(model_view(state).params, start)
     start_step = 0
     is_main = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=is_main)
     if manager.latest_step() is not None:
-        abstract = _abstract_with_shardings(state, state_shardings)
-        start_step, state = ckpt.restore(manager, abstract, data_iter)
+        abstract = _abstract_with_shardings(_checkpointed(state), _checkpointed(state_shardings))
+        start_step, restored = ckpt.restore(manager, abstract, data_iter)
+        state = _with_base(restored, state)
         writer.truncate_after(start_step)
         if is_main:
             print(f"Resumed from {workdir} at step {start_step}.")
 
     evals = writer.read_evals()
     if start_step == 0 and setup.evaluate is not None and train_cfg.eval_at_start:
-        evals = [dict(step=0, **setup.evaluate(state.params, start_params))]
+        evals = [dict(step=0, **evaluate(state))]
         writer.write_eval(evals[0])
         if is_main:
             print(f"step 0 eval: {evals[0]}")
@@ -194,7 +221,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             host_batch = next(data_iter)
             rollout_metrics = {}
             if setup.rollout is not None:  # online RL: sample + score outside the pure step
-                host_batch, rollout_metrics = setup.rollout(state, host_batch)
+                host_batch, rollout_metrics = setup.rollout(
+                    model_view(state, setup.with_reference), host_batch)
             # Per-process pair/slot numbers become global before the batches are stacked.
             batch = _device_batch(distributed.globalize_slots(host_batch, batch_sharding),
                                   batch_sharding)
@@ -207,7 +235,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             done = step + 1
             if setup.evaluate is not None and train_cfg.eval_every and (
                     done % train_cfg.eval_every == 0 or done == num_steps):
-                result = dict(step=done, **setup.evaluate(state.params, start_params))
+                result = dict(step=done, **evaluate(state))
                 evals.append(result)
                 writer.write_eval(result)
                 progress.write(f"step {done} eval: {_fmt(result)}")
@@ -217,7 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 tokens_since, time_since = _report(pending, writer, progress, train_cfg,
                                                    tokens_since, time_since)
                 pending = None
-                ckpt.save(manager, done, state, data_iter, force=bool(preempted))
+                ckpt.save(manager, done, _checkpointed(state), data_iter, force=bool(preempted))
             if preempted:
                 manager.wait_until_finished()
                 progress.close()
@@ -230,7 +258,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, previous_handler)
     manager.wait_until_finished()
     progress.close()
-    ckpt.save_params(os.path.join(workdir, "final_params"), state.params)
+    if _is_lora(state):
+        # The adapters (small), and the merged dense model later stages and export read.
+        ckpt.save_params(os.path.join(workdir, "final_adapters"), state.params)
+        ckpt.save_params(os.path.join(workdir, "final_params"),
+                         jax.jit(lambda p: lora.merge_adapters(p, model_cfg))(
+                             model_view(state).params))
+    else:
+        ckpt.save_params(os.path.join(workdir, "final_params"), state.params)
     summary = setup.summarize(evals, writer.last_metrics) if setup.summarize else {
         "evals": evals, "final_metrics": writer.last_metrics}
     if is_main:
@@ -238,6 +273,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             json.dump(summary, f, indent=2)
     writer.close()
     return summary
+
+
+def _is_lora(state) -> bool:
+    return bool(state.frozen) and "base" in state.frozen
+
+
+def model_view(state: TrainState, with_reference: bool | str = False) -> TrainState:
+    """The state as code outside the step sees it: with LoRA, `params` is the whole
+    model (base + adapters, a dict union, no copy) and, if the algorithm keeps a
+    reference, `frozen["reference"]` is the base (adapters disabled). Without LoRA
+    the state itself."""
+    if not _is_lora(state):
+        return state
+    base = state.frozen["base"]
+    frozen = dict(state.frozen)
+    if with_reference:
+        frozen["reference"] = base[with_reference] if isinstance(with_reference, str) else base
+    return state.replace(params=lora.merge(base, state.params), frozen=frozen)
+
+
+def _checkpointed(state):
+    """What a checkpoint holds: with LoRA, everything but the frozen base (adapters-only
+    checkpoints; the base is rebuilt from `init_from` / the seed on restart)."""
+    if not _is_lora(state):
+        return state
+    frozen = {k: v for k, v in state.frozen.items() if k != "base"}
+    return state.replace(frozen=frozen or None)
+
+
+def _with_base(restored, state):
+    if not _is_lora(state):
+        return restored
+    return restored.replace(frozen={**(restored.frozen or {}), "base": state.frozen["base"]})
 
 
 def _fmt(values: dict[str, Any]) -> str:

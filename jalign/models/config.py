@@ -19,6 +19,9 @@ REMAT_POLICIES = ("none", "full", "save_dots")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# Projections LoRA adapters can wrap (the names of the decoder's weights).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_QUANTIZATION = ("none", "int8", "nf4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,15 @@ class ModelConfig:
     * `rope_local_theta`: rope base of the sliding layers, unscaled (Gemma 3);
       None means the sliding layers share the global rope.
     * `family`: the Hugging Face family the model is exported as.
+
+    LoRA (Hu et al. 2021; QLoRA, Dettmers et al. 2023), off while `lora_rank` is 0:
+    each projection named in `lora_targets` gains adapters `<name>_lora_a` [in, r]
+    and `<name>_lora_b` [r, out] (B starts at zero) and computes
+    `x @ W + (alpha / r) * dropout(x) @ A @ B`. Params without the adapters give the
+    base model exactly (that is how a LoRA run's reference is computed, see
+    jalign.lora). `lora_base_dtype` stores the frozen base weights in that dtype and
+    `lora_quantization` ("int8" or "nf4", via qwix, in blocks of
+    `lora_quantization_block` along the input axis) quantises its projections.
 
     `head_dim` defaults to hidden_size // num_heads. `rope_scaling` is None or a
     mapping in Hugging Face's form, e.g. {"rope_type": "llama3", "factor": 8.0,
@@ -81,10 +93,22 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
     rope_local_theta: float | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_base_dtype: str = "bfloat16"
+    lora_quantization: str = "none"
+    lora_quantization_block: int = 64
 
     def __post_init__(self):
         if self.layer_types is not None and not isinstance(self.layer_types, tuple):
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets",
+                               tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
+        elif not isinstance(self.lora_targets, tuple):
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         errors = []
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "intermediate_size"):
@@ -127,6 +151,23 @@ class ModelConfig:
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 errors.append("model.layer_types has sliding_attention layers but "
                               "model.sliding_window is None")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            errors.append(f"model.lora_rank must be an int >= 0 (0 = no LoRA), got {self.lora_rank!r}")
+        elif self.lora_rank:
+            bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+            if bad or not self.lora_targets:
+                errors.append(f"model.lora_targets: unknown {bad or 'empty'}; valid: {LORA_TARGETS}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                errors.append(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            if self.lora_base_dtype not in _DTYPES:
+                errors.append(f"model.lora_base_dtype must be one of {sorted(_DTYPES)}, "
+                              f"got {self.lora_base_dtype!r}")
+            if self.lora_quantization not in LORA_QUANTIZATION:
+                errors.append(f"model.lora_quantization must be one of {LORA_QUANTIZATION}, "
+                              f"got {self.lora_quantization!r}")
+            if not isinstance(self.lora_quantization_block, int) or self.lora_quantization_block <= 0:
+                errors.append("model.lora_quantization_block must be a positive int, "
+                              f"got {self.lora_quantization_block!r}")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -151,6 +192,11 @@ class ModelConfig:
     def weight_dtype(self):
         return _DTYPES[self.param_dtype]
 
+    @property
+    def base_dtype(self):
+        """Storage dtype of the frozen base weights of a LoRA model."""
+        return _DTYPES[self.lora_base_dtype]
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
         """Builds a config from a dict / ConfigDict, naming unknown keys."""
@@ -163,6 +209,8 @@ class ModelConfig:
             values["rope_scaling"] = dict(values["rope_scaling"])
         if values.get("layer_types") is not None:
             values["layer_types"] = tuple(values["layer_types"])
+        if values.get("lora_targets") is not None and not isinstance(values["lora_targets"], str):
+            values["lora_targets"] = tuple(values["lora_targets"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,6 +29,46 @@ def _param(module: nn.Module, name: str, shape, axes, init=_INIT):
                         module.config.weight_dtype)
 
 
+# LoRA A starts like a fan-in uniform layer, B at zero, so a fresh adapter is a no-op.
+_LORA_A_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _project(module: nn.Module, name: str, equation: str, x, shape, axes):
+    """`einsum(equation, x, W)` for the weight `name`, plus its LoRA delta if it has one.
+
+    W may be stored quantised (a qwix QArray, for QLoRA): it is dequantised here.
+    The adapters `name_lora_a` [in..., r] and `name_lora_b` [r, out...] are created
+    at init when the config targets `name`; at apply they are used only if present,
+    so a params tree without them computes the base model exactly.
+    """
+    c = module.config
+    dt = c.compute_dtype
+    w = _param(module, name, shape, axes)
+    if hasattr(w, "qvalue"):  # quantised frozen base (jalign.lora.quantize_base)
+        from jalign.lora import dequantize
+        w = dequantize(w)
+    y = jnp.einsum(equation, x, w.astype(dt))
+    if not c.lora_rank or name not in c.lora_targets:
+        return y
+    a_name, b_name = f"{name}_lora_a", f"{name}_lora_b"
+    if not module.is_initializing() and not module.has_variable("params", a_name):
+        return y  # adapters disabled: the base model
+    inputs, out = equation.split("->")
+    x_sub, w_sub = inputs.split(",")
+    n_in = sum(ch in x_sub for ch in w_sub)  # W's leading axes are contracted with x
+    r = c.lora_rank
+    a = _param(module, a_name, tuple(shape[:n_in]) + (r,), tuple(axes[:n_in]) + ("lora",),
+               _LORA_A_INIT)
+    b = _param(module, b_name, (r,) + tuple(shape[n_in:]), ("lora",) + tuple(axes[n_in:]),
+               nn.initializers.zeros)
+    if c.lora_dropout > 0 and module.has_rng("dropout"):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - c.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - c.lora_dropout), 0).astype(x.dtype)
+    xa = jnp.tensordot(x, a.astype(dt), axes=n_in)
+    delta = jnp.tensordot(xa, b.astype(dt), axes=1)
+    return y + (delta * (c.lora_alpha / r)).astype(y.dtype)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * scale, or * (1 + scale) with `norm_unit_offset` (Gemma)."""
 
@@ -95,13 +135,12 @@ class Attention(nn.Module):
         c = self.config
         h, d, nq, nkv = c.hidden_size, c.head_size, c.num_heads, c.num_kv_heads
         dt = c.compute_dtype
-        wq = _param(self, "q_proj", (h, nq, d), ("embed", "q_heads", "head_dim"))
-        wk = _param(self, "k_proj", (h, nkv, d), ("embed", "kv_heads", "head_dim"))
-        wv = _param(self, "v_proj", (h, nkv, d), ("embed", "kv_heads", "head_dim"))
-        wo = _param(self, "o_proj", (nq, d, h), ("q_heads", "head_dim", "embed"))
-        q = jnp.einsum("bth,hnd->btnd", x_BxTxH, wq.astype(dt))
-        k = jnp.einsum("bth,hnd->btnd", x_BxTxH, wk.astype(dt))
-        v = jnp.einsum("bth,hnd->btnd", x_BxTxH, wv.astype(dt))
+        q = _project(self, "q_proj", "bth,hnd->btnd", x_BxTxH, (h, nq, d),
+                     ("embed", "q_heads", "head_dim"))
+        k = _project(self, "k_proj", "bth,hnd->btnd", x_BxTxH, (h, nkv, d),
+                     ("embed", "kv_heads", "head_dim"))
+        v = _project(self, "v_proj", "bth,hnd->btnd", x_BxTxH, (h, nkv, d),
+                     ("embed", "kv_heads", "head_dim"))
         if c.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (nq, d), ("q_heads", "head_dim"), zeros).astype(dt)
@@ -124,7 +163,8 @@ class Attention(nn.Module):
         scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nq, d)
-        out = jnp.einsum("btnd,ndh->bth", out, wo.astype(dt))
+        out = _project(self, "o_proj", "btnd,ndh->bth", out, (nq, d, h),
+                       ("q_heads", "head_dim", "embed"))
         return out if cache is None else (out, cache)
 
 
@@ -134,17 +174,14 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxH):
         c = self.config
-        dt = c.compute_dtype
-        gate = _param(self, "gate_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"))
-        up = _param(self, "up_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"))
-        down = _param(self, "down_proj", (c.intermediate_size, c.hidden_size), ("mlp", "embed"))
-        g = jnp.einsum("bth,hi->bti", x_BxTxH, gate.astype(dt))
-        u = jnp.einsum("bth,hi->bti", x_BxTxH, up.astype(dt))
+        h, i = c.hidden_size, c.intermediate_size
+        g = _project(self, "gate_proj", "bth,hi->bti", x_BxTxH, (h, i), ("embed", "mlp"))
+        u = _project(self, "up_proj", "bth,hi->bti", x_BxTxH, (h, i), ("embed", "mlp"))
         if c.mlp_activation == "gelu_tanh":
             g = nn.gelu(g, approximate=True)
         else:
             g = nn.silu(g)
-        return jnp.einsum("bti,ih->bth", g * u, down.astype(dt))
+        return _project(self, "down_proj", "bti,ih->bth", g * u, (i, h), ("mlp", "embed"))
 
 
 class Block(nn.Module):
@@ -249,13 +286,13 @@ class Decoder(nn.Module):
             block = nn.remat(Block, policy=_REMAT[c.remat], prevent_cse=False)
         is_sliding_L = jnp.asarray(c.sliding_layers, bool)
         if cache is None:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast, 0),
                             length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(c, name="layers")(x, (rope_full, rope_local), (mask, mask_sliding),
                                            is_sliding_L)
             return RMSNorm(c, name="final_norm")(x)
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
                         length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         x, (k, v) = stack(c, name="layers")(x, (rope_full, rope_local), (mask, mask_sliding),

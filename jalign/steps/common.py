@@ -7,22 +7,44 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from jalign import lora
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import Decoder, unembedding
 from jalign.ops import token_logprobs
 
 
+def model_params(params: Any, frozen: Mapping[str, Any] | None) -> Any:
+    """The model's params as a loss sees them: with LoRA, the trained adapters over
+    `frozen["base"]` (a dict union; gradients reach only the adapters)."""
+    if frozen and "base" in frozen:
+        return lora.merge(frozen["base"], params)
+    return params
+
+
+def reference_params(frozen: Mapping[str, Any], subtree: str | None = None) -> Any:
+    """The frozen reference: `frozen["reference"]`, or with LoRA the base model with
+    its adapters disabled (`frozen["base"]`, or its `subtree`), so no copy exists."""
+    if "reference" in frozen:
+        return frozen["reference"]
+    base = frozen["base"]
+    return base[subtree] if subtree else base
+
+
 def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.Array], *,
-                     logprob_impl: str = "auto", with_stats: bool = False):
+                     logprob_impl: str = "auto", with_stats: bool = False,
+                     dropout_rng: jax.Array | None = None):
     """Per-token log-probs of each next token: [B, T-1] float32, plus a mask.
 
     Position t of the result scores token t+1 given tokens <= t. The mask is
     `loss_mask[:, 1:]`, so prompt tokens and segment starts are never scored.
     With `with_stats`, also returns the entropy and whether the target was the
     arg-max token (for the mean_token_accuracy metric), without building logits.
+    `dropout_rng` switches on LoRA dropout (training forward passes only).
     """
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None and config.lora_dropout else {}
     hidden_BxTxH = Decoder(config).apply({"params": params}, batch["tokens"],
-                                         batch.get("positions"), batch.get("segment_ids"))
+                                         batch.get("positions"), batch.get("segment_ids"),
+                                         rngs=rngs)
     targets_BxT = batch["tokens"][:, 1:]
     mask_BxT = batch["loss_mask"][:, 1:].astype(jnp.float32)
     if not with_stats:

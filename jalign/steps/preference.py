@@ -18,7 +18,7 @@ import optax
 from jalign.models.config import ModelConfig
 from jalign.models.heads import sequence_scores
 from jalign.state import TrainState
-from jalign.steps.common import shifted_logprobs
+from jalign.steps.common import model_params, reference_params, shifted_logprobs
 
 
 def sequence_sums(values_RxT, mask_RxT, sequence_index_RxT, num_sequences: int):
@@ -31,10 +31,12 @@ def sequence_sums(values_RxT, mask_RxT, sequence_index_RxT, num_sequences: int):
 
 
 def sequence_logps(params, config: ModelConfig, batch: Mapping[str, jax.Array], num_sequences: int,
-                   *, prefix: str = "", logprob_impl: str = "auto"):
+                   *, prefix: str = "", logprob_impl: str = "auto",
+                   dropout_rng: jax.Array | None = None):
     """Summed completion log-probs and completion lengths per sequence ([S], [S])."""
     view = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)} if prefix else batch
-    logps_RxT, mask_RxT = shifted_logprobs(params, config, view, logprob_impl=logprob_impl)
+    logps_RxT, mask_RxT = shifted_logprobs(params, config, view, logprob_impl=logprob_impl,
+                                           dropout_rng=dropout_rng)
     seq_RxT = view["sequence_index"][:, 1:]
     return (sequence_sums(logps_RxT, mask_RxT, seq_RxT, num_sequences),
             sequence_sums(jnp.ones_like(logps_RxT), mask_RxT, seq_RxT, num_sequences))
@@ -71,7 +73,8 @@ def make_reward_step(config: ModelConfig, optimizer: optax.GradientTransformatio
         return _pair_mean(losses, batch["pair_mask"]), dict(metrics, num_tokens=num_tokens)
 
     def step(state: TrainState, batch):
-        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch)
+        (value, metrics), grads = jax.value_and_grad(
+            lambda p, b: loss(model_params(p, state.frozen), b), has_aux=True)(state.params, batch)
         return _apply(optimizer, state, grads, dict(metrics, loss=value), schedule)
 
     return step
@@ -100,10 +103,13 @@ def make_dpo_step(config: ModelConfig, optimizer: optax.GradientTransformation, 
         raise ValueError(f"reference must be 'params', 'precomputed' or 'none', got {reference!r}")
     if ref_sync_every and reference != "params":
         raise ValueError("TR-DPO reference syncing (ref_sync_every > 0) needs reference='params'")
+    if ref_sync_every and config.lora_rank:
+        raise ValueError("TR-DPO reference syncing (config.dpo.ref_sync_every > 0) does not apply "
+                         "to LoRA runs, whose reference is the base model (model.lora_rank > 0)")
 
     def reference_logps(state, batch, num_pairs):
         if reference == "params":
-            ref, _ = sequence_logps(state.frozen["reference"], config, batch, 2 * num_pairs,
+            ref, _ = sequence_logps(reference_params(state.frozen), config, batch, 2 * num_pairs,
                                     logprob_impl=logprob_impl)
             ref = jax.lax.stop_gradient(ref)
             return ref[0::2], ref[1::2]
@@ -114,8 +120,9 @@ def make_dpo_step(config: ModelConfig, optimizer: optax.GradientTransformation, 
 
     def loss(params, state, batch):
         num_pairs = batch["pair_mask"].shape[0]
-        logps, lengths = sequence_logps(params, config, batch, 2 * num_pairs,
-                                        logprob_impl=logprob_impl)
+        logps, lengths = sequence_logps(model_params(params, state.frozen), config, batch,
+                                        2 * num_pairs, logprob_impl=logprob_impl,
+                                        dropout_rng=state.step_rng())
         ref_c, ref_r = reference_logps(state, batch, num_pairs)
         losses, metrics = loss_fn(logps[0::2], logps[1::2], ref_c, ref_r,
                                   chosen_lengths=jnp.maximum(lengths[0::2], 1.0),
@@ -151,11 +158,13 @@ def make_kto_step(config: ModelConfig, optimizer: optax.GradientTransformation, 
 
     def loss(params, state, batch):
         n = batch["pair_mask"].shape[0]
-        logps, lengths = sequence_logps(params, config, batch, n, logprob_impl=logprob_impl)
+        params = model_params(params, state.frozen)
+        logps, lengths = sequence_logps(params, config, batch, n, logprob_impl=logprob_impl,
+                                        dropout_rng=state.step_rng())
         kl_logps, _ = sequence_logps(params, config, batch, n, prefix="kl_",
                                      logprob_impl=logprob_impl)
         if reference == "params":
-            ref = state.frozen["reference"]
+            ref = reference_params(state.frozen)
             ref_logps = sequence_logps(ref, config, batch, n, logprob_impl=logprob_impl)[0]
             ref_kl = sequence_logps(ref, config, batch, n, prefix="kl_", logprob_impl=logprob_impl)[0]
         else:

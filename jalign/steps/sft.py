@@ -10,7 +10,7 @@ import optax
 
 from jalign.models.config import ModelConfig
 from jalign.state import TrainState
-from jalign.steps.common import accumulate_gradients, shifted_logprobs
+from jalign.steps.common import accumulate_gradients, model_params, shifted_logprobs
 
 
 def make_sft_step(config: ModelConfig, optimizer: optax.GradientTransformation, *,
@@ -27,9 +27,9 @@ def make_sft_step(config: ModelConfig, optimizer: optax.GradientTransformation, 
     learning_rate (TRL's names).
     """
 
-    def sum_loss(params, batch):
-        logps, mask, stats = shifted_logprobs(params, config, batch,
-                                              logprob_impl=logprob_impl, with_stats=True)
+    def sum_loss(params, batch, rng):
+        logps, mask, stats = shifted_logprobs(params, config, batch, logprob_impl=logprob_impl,
+                                              with_stats=True, dropout_rng=rng)
         sums = {
             "count": mask.sum(),
             "correct": jnp.where(mask > 0, stats["is_argmax"], False).sum().astype(jnp.float32),
@@ -38,8 +38,10 @@ def make_sft_step(config: ModelConfig, optimizer: optax.GradientTransformation, 
         return -jnp.where(mask > 0, logps, 0.0).sum(), sums
 
     def step(state: TrainState, batch):
-        (loss_sum, sums), grads = accumulate_gradients(sum_loss, state.params, batch,
-                                                       grad_accum_steps)
+        rng = state.step_rng()
+        (loss_sum, sums), grads = accumulate_gradients(
+            lambda p, b: sum_loss(model_params(p, state.frozen), b, rng), state.params, batch,
+            grad_accum_steps)
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
