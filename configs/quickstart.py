@@ -10,6 +10,9 @@ training curves to WORKDIR/curves.png.
 
 Variants (`--config=configs/quickstart.py:VARIANT[,VARIANT]`):
   sft   the SFT stage alone;
+  lora  the DPO stage trains LoRA adapters (rank 8) on a frozen bfloat16 base, whose
+        log-probs with the adapters disabled are the reference (no second model);
+  qlora the same with the frozen base quantised to nf4 (qwix);
   test  seconds-long sizes (for tests), e.g. `:test` or `:sft,test`.
 Any key can be overridden, e.g. `--config.pipeline.dpo.dpo.loss_type=ipo`.
 """
@@ -45,10 +48,15 @@ def get_config(arg: str = ""):
         "dpo": {"loss_type": "sigmoid", "beta": 0.5},
     })
     variants = {v for v in arg.split(",") if v}
-    unknown = variants - {"sft", "test"}
+    unknown = variants - {"sft", "test", "lora", "qlora"}
     if unknown:
         raise ValueError(f"configs/quickstart.py: unknown variant(s) {sorted(unknown)}; "
-                         "valid: 'sft', 'test'")
+                         "valid: 'sft', 'lora', 'qlora', 'test'")
+    if variants & {"lora", "qlora"}:
+        config.pipeline.dpo.model = ml_collections.ConfigDict({
+            "lora_rank": 8, "lora_alpha": 16.0,
+            "lora_quantization": "nf4" if "qlora" in variants else "none"})
+        config.pipeline.dpo.optimizer.learning_rate = 1e-3  # adapters take a larger step
     if "sft" in variants:
         config.pipeline.stages = ""
         config.algo = "sft"

@@ -232,6 +232,36 @@ def fit_check(config: ml_collections.ConfigDict, topology: str, *,
         num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)))
 
 
+def state_memory(state) -> dict[str, int]:
+    """Per-device bytes of each part of a train state (arrays or sharded ShapeDtypeStructs):
+    trained params, optimizer state, and each frozen tree (reference, LoRA base, ...)."""
+    parts = {"params": per_device_bytes(state.params),
+             "opt_state": per_device_bytes(state.opt_state)}
+    for name, tree in (state.frozen or {}).items():
+        parts[f"frozen/{name}"] = per_device_bytes(tree)
+    if isinstance(state.params, dict) and "critic" in state.params:
+        parts["params/critic"] = per_device_bytes(state.params["critic"])
+    return parts
+
+
+def memory_report(state, compiled) -> str:
+    """The start-up memory report of `jalign.train`: the state by parts and the
+    compiled step's plan (from its memory analysis), per device."""
+    parts = state_memory(state)
+    memory = compiled.memory_analysis()
+    lines = ["memory per device (state by its shardings; the step as XLA plans it):"]
+    lines += [f"  {name:<22}{_size(n)}" for name, n in parts.items()]
+    if memory is not None:
+        total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                 - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+        lines += [f"  {'step temporaries':<22}{_size(memory.temp_size_in_bytes)}",
+                  f"  {'step total':<22}{_size(total)}   (arguments + outputs - donated + "
+                  "temporaries)"]
+    from jalign import lora
+    lines.append(f"  trained parameters: {lora.num_params(state.params):,}")
+    return "\n".join(lines)
+
+
 def _size(n: float) -> str:
     return f"{n / GIB:9.2f} GiB" if abs(n) >= GIB / 10 else f"{n / 2**20:9.2f} MiB"
 
@@ -251,7 +281,7 @@ def format_report(check: FitCheck, config) -> str:
         f"{model.remat}); compiled in {check.compile_seconds:.1f} s",
         "per-device memory, as XLA plans it:",
         f"  arguments         {_size(check.argument_bytes)}   (params {_size(s['params']).strip()}"
-        f", optimizer {_size(s['opt_state']).strip()}, reference {_size(s['frozen']).strip()}"
+        f", optimizer {_size(s['opt_state']).strip()}, frozen {_size(s['frozen']).strip()}"
         f", batch {_size(check.batch_bytes).strip()}, by their shardings)",
         f"  outputs           {_size(check.output_bytes)}",
         f"  aliased (donated) {_size(-check.alias_bytes)}",

@@ -66,9 +66,19 @@ def save_params(path: str, params: Any) -> None:
 def load_params(path: str, abstract_params: Any) -> Any:
     """Reads a tree written by `save_params` onto the shardings in `abstract_params`."""
     path = os.path.abspath(path)
+    if os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is a file, not a directory written by jalign.checkpoint.save_params; "
+            "jalign never unpickles, so .pkl/.bin/.pt params cannot be loaded (convert a "
+            "Hugging Face safetensors folder with `python -m jalign.convert import`)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no saved model at {path} (expected a directory written by "
                                 "jalign.checkpoint.save_params, e.g. an earlier stage's final_params)")
+    if not any(os.path.exists(os.path.join(path, name))
+               for name in ("_CHECKPOINT_METADATA", "_METADATA")):
+        raise ValueError(f"no saved model at {path}: the directory holds no Orbax checkpoint "
+                         f"(found {sorted(os.listdir(path))[:5]}); expected one written by "
+                         "jalign.checkpoint.save_params, e.g. an earlier stage's final_params")
     with ocp.StandardCheckpointer() as checkpointer:
         try:
             saved = checkpointer.metadata(path)

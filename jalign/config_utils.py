@@ -34,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-3, warmup_steps=10, schedule="cosine", end_learning_rate_factor=0.1,
-        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, grad_accum_steps=1))
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, grad_accum_steps=1,
+        mu_dtype=""))            # Adam first moment dtype ("" = the params' dtype, or "bfloat16")
 
     c.data = ml_collections.ConfigDict(dict(
         source="task",           # "task" (built-in), "jsonl" or "parquet"
@@ -59,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
         num_steps=200, log_every=10, eval_every=0, eval_at_start=True,
         checkpoint_every=100, keep_checkpoints=3, async_checkpointing=True,
         max_consecutive_skips=5,  # non-finite steps are skipped; stop after this many in a row
-        logprob_impl="auto"))
+        logprob_impl="auto",
+        memory_report=True))     # print per-device state / step memory at start-up
 
     c.dpo = ml_collections.ConfigDict(dict(
         loss_type="sigmoid",     # any of jalign.losses.LOSS_TYPES, "a,b,c" to mix, or simpo/cpo/orpo/rdpo
@@ -81,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
         loss_aggregation="grpo",  # "grpo", "bnpo", "dr_grpo", "dapo"
         clip_eps_low=0.2, clip_eps_high=0.2,   # DAPO clip-higher: clip_eps_high=0.28
         kl_beta=0.0, kl_estimator="k3",
-        num_iterations=1,         # policy updates per rollout batch (PPO epochs)
+        num_iterations=1,         # epochs over each rollout batch (PPO epochs)
+        num_minibatches=1,        # shuffled minibatches per epoch, one optimizer step each
         # PPO with a critic
         gamma=1.0, lam=0.95, vf_coef=0.1, value_clip=0.2, entropy_coef=0.0,
         kl_coef=0.05, kl_target=0.0, kl_horizon=10000.0,   # kl_target > 0: adaptive controller

@@ -28,8 +28,8 @@ class MetricsWriter:
             return
         for path in (self.path, self.eval_path):
             if os.path.exists(path):
-                kept = [line for line in open(path) if line.strip()
-                        and json.loads(line)["step"] <= step]
+                kept = [line for line in open(path) if _step_of(line) is not None
+                        and _step_of(line) <= step]
                 with open(path, "w") as f:
                     f.writelines(kept)
 
@@ -54,7 +54,7 @@ class MetricsWriter:
     def read_evals(self) -> list[dict[str, Any]]:
         if not os.path.exists(self.eval_path):
             return []
-        return [json.loads(line) for line in open(self.eval_path) if line.strip()]
+        return [json.loads(line) for line in open(self.eval_path) if _step_of(line) is not None]
 
     def close(self) -> None:
         if self._tb is not None:
@@ -87,3 +87,12 @@ class ProgressBar:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def _step_of(line: str):
+    """The step of a metrics line, or None for a blank or partial one (a run killed
+    mid-write leaves a cut-off last line)."""
+    try:
+        return json.loads(line)["step"] if line.strip() else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None

@@ -55,6 +55,13 @@ def split(params: Any) -> tuple[dict, dict]:
     return trainable, base
 
 
+def without_adapters(params: Any) -> Any:
+    """The tree with every adapter leaf removed (what a checkpoint of the base holds)."""
+    if not isinstance(params, dict):
+        return params
+    return {k: without_adapters(v) for k, v in params.items() if not k.endswith(ADAPTER_SUFFIXES)}
+
+
 def merge(base: Any, trainable: Any) -> Any:
     """The union of two nested dicts (trainable entries win); arrays are shared, not copied."""
     if not isinstance(trainable, dict) or not isinstance(base, dict):

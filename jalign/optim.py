@@ -39,8 +39,13 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.Grad
     """AdamW with global-norm clipping, from `config.optimizer`.
 
     Keys: learning_rate, warmup_steps, schedule, end_learning_rate_factor, b1, b2,
-    eps, weight_decay, max_grad_norm (0 disables clipping).
+    eps, weight_decay, max_grad_norm (0 disables clipping), mu_dtype (the first
+    moment's dtype, e.g. "bfloat16" to halve it; "" keeps the params' dtype).
     """
+    mu_dtype = cfg.get("mu_dtype", "") or None
+    if mu_dtype not in (None, "float32", "bfloat16"):
+        raise ValueError(f"config.optimizer.mu_dtype must be '', 'float32' or 'bfloat16', "
+                         f"got {mu_dtype!r}")
     schedule = make_schedule(cfg, total_steps)
     parts = []
     max_norm = float(cfg.get("max_grad_norm", 1.0))
@@ -48,5 +53,6 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.Grad
         parts.append(optax.clip_by_global_norm(max_norm))
     parts.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
                              eps=float(cfg.get("eps", 1e-8)),
-                             weight_decay=float(cfg.get("weight_decay", 0.0)), mask=decay_mask))
+                             weight_decay=float(cfg.get("weight_decay", 0.0)), mask=decay_mask,
+                             mu_dtype=mu_dtype))
     return optax.chain(*parts), schedule

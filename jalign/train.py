@@ -92,7 +92,10 @@ def init_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
         params = jax.jit(lambda r: nn.meta.unbox(params_init_fn(r)),
                          out_shardings=param_shardings)(key)
         if load_params is not None:
-            loaded = load_params(_abstract_with_shardings(params, param_shardings))
+            abstract = _abstract_with_shardings(params, param_shardings)
+            if model_cfg is not None and model_cfg.lora_rank:
+                abstract = lora.without_adapters(abstract)  # a base model; adapters start fresh
+            loaded = load_params(abstract)
             params = _overlay(params, loaded)
         state = jax.jit(state_from_params, in_shardings=(param_shardings,),
                         out_shardings=shardings, donate_argnums=(0,))(params)
@@ -200,7 +203,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.truncate_after(start_step)
         if is_main:
             print(f"Resumed from {workdir} at step {start_step}.")
-
+    else:
+        writer.truncate_after(-1)  # a run killed before its first checkpoint starts over
     evals = writer.read_evals()
     if start_step == 0 and setup.evaluate is not None and train_cfg.eval_at_start:
         evals = [dict(step=0, **evaluate(state))]
@@ -226,6 +230,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             # Per-process pair/slot numbers become global before the batches are stacked.
             batch = _device_batch(distributed.globalize_slots(host_batch, batch_sharding),
                                   batch_sharding)
+            if step == start_step and is_main and train_cfg.memory_report:
+                from jalign.aot import memory_report
+                progress.write(memory_report(state, p_step.lower(state, batch).compile()))
             state, metrics = p_step(state, batch)
             metrics = {**metrics, **rollout_metrics}
             if pending is not None:

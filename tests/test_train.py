@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -12,37 +11,17 @@ import numpy as np
 import pytest
 
 from jalign import sharding as shd
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-
-
-def _train_cmd(workdir, *overrides, config="configs/quickstart.py:sft,test"):
-    return [sys.executable, "-m", "jalign.train", f"--config={config}", f"--workdir={workdir}",
-            *overrides]
-
-
-def _run(workdir, *overrides, check=True, config="configs/quickstart.py:sft,test"):
-    proc = subprocess.run(_train_cmd(workdir, *overrides, config=config), cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r for r in map(json.loads, f)}
+from tests.train_helpers import ENV, ROOT, read_metrics, run_train, train_cmd
 
 
 def test_quickstart_test_variant_writes_outputs(tmp_path):
     workdir = str(tmp_path / "run")
-    proc = _run(workdir)
+    proc = run_train(workdir)
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert summary["initial"]["step"] == 0 and summary["final"]["step"] == 6
     for key in ("gold_reward/greedy", "gold_reward/sampled", "kl/ref", "completions/mean_length"):
         assert np.isfinite(summary["final"][key]), key
-    metrics = _metrics(workdir)
+    metrics = read_metrics(workdir)
     assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "num_tokens", "mean_token_accuracy", "entropy", "grad_norm",
                 "learning_rate", "tokens_per_second"):
@@ -53,11 +32,11 @@ def test_quickstart_test_variant_writes_outputs(tmp_path):
 
 def test_quickstart_pipeline_runs_all_stages(tmp_path):
     workdir = str(tmp_path / "pipe")
-    proc = _run(workdir, config="configs/quickstart.py:test")
+    proc = run_train(workdir, config="configs/quickstart.py:test")
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert set(summary["table"]) == {"base", "sft", "reward", "dpo"}
     assert "pref. acc." in proc.stdout
-    dpo = _metrics(os.path.join(workdir, "dpo"))
+    dpo = read_metrics(os.path.join(workdir, "dpo"))
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
         assert np.isfinite(dpo[4][key]), key
@@ -69,11 +48,11 @@ def test_kill_or_preempt_and_resume_matches_uninterrupted(tmp_path):
                  "--config.train.eval_every=0", "--config.train.eval_at_start=False",
                  "--config.train.log_every=1", "--config.train.async_checkpointing=False"]
     full = str(tmp_path / "full")
-    _run(full, *overrides)
-    reference = _metrics(full)
+    run_train(full, *overrides)
+    reference = read_metrics(full)
 
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(_train_cmd(killed, *overrides), cwd=ROOT, env=ENV,
+    proc = subprocess.Popen(train_cmd(killed, *overrides), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_dir = os.path.join(killed, "checkpoints")
     deadline = time.time() + 300
@@ -87,10 +66,10 @@ def test_kill_or_preempt_and_resume_matches_uninterrupted(tmp_path):
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "summary.json"))
 
-    resumed = _run(killed, *overrides)
+    resumed = run_train(killed, *overrides)
     start = int(resumed.stdout.split("at step ")[1].split(".")[0])
     assert 50 <= start < 300
-    after = _metrics(killed)
+    after = read_metrics(killed)
     assert sorted(after) == list(range(1, 301))
     for step in range(start + 1, 301):
         for key in ("loss", "grad_norm", "mean_token_accuracy"):
@@ -100,7 +79,7 @@ def test_kill_or_preempt_and_resume_matches_uninterrupted(tmp_path):
     # SIGTERM (preemption): the run checkpoints the step it is on and exits with 75;
     # the restart resumes there, losing no step.
     termed = str(tmp_path / "termed")
-    proc = subprocess.Popen(_train_cmd(termed, *overrides), cwd=ROOT, env=ENV,
+    proc = subprocess.Popen(train_cmd(termed, *overrides), cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     metrics_path = os.path.join(termed, "metrics.jsonl")
     deadline = time.time() + 300
@@ -114,9 +93,9 @@ def test_kill_or_preempt_and_resume_matches_uninterrupted(tmp_path):
     assert proc.returncode == 75, out[-2000:]
     saved = int(out.split("saved a checkpoint at step ")[1].split(" ")[0])
     assert 30 <= saved < 300
-    resumed = _run(termed, *overrides)
+    resumed = run_train(termed, *overrides)
     assert f"at step {saved}." in resumed.stdout
-    after = _metrics(termed)
+    after = read_metrics(termed)
     assert sorted(after) == list(range(1, 301))
     for step in range(1, 301):
         np.testing.assert_allclose(after[step]["loss"], reference[step]["loss"], rtol=1e-6,
@@ -124,15 +103,15 @@ def test_kill_or_preempt_and_resume_matches_uninterrupted(tmp_path):
 
 
 def test_config_typo_is_named(tmp_path):
-    proc = _run(str(tmp_path / "w"), "--config.train.num_stesp=3", check=False)
+    proc = run_train(str(tmp_path / "w"), "--config.train.num_stesp=3", check=False)
     assert proc.returncode != 0
     assert "num_stesp" in proc.stderr
 
 
 def test_checkpoint_of_another_model_shape_is_named(tmp_path):
     workdir = str(tmp_path / "w")
-    _run(workdir, "--config.train.eval_every=0", "--config.train.eval_at_start=False")
-    proc = _run(workdir, "--config.model.hidden_size=64", "--config.model.intermediate_size=96",
+    run_train(workdir, "--config.train.eval_every=0", "--config.train.eval_at_start=False")
+    proc = run_train(workdir, "--config.model.hidden_size=64", "--config.model.intermediate_size=96",
                 "--config.train.num_steps=8", check=False)
     assert proc.returncode != 0
     assert "another model shape" in proc.stderr and "embed" in proc.stderr
@@ -174,12 +153,12 @@ def test_bad_data_row_names_file_line_and_field(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "sort: 3 1\\n", "completion": "1 3"}\n'
                     '{"prompt": "sort: 2 1\\n"}\n')
-    proc = _run(str(tmp_path / "w"), "--config.data.source=jsonl", f"--config.data.path={data}",
+    proc = run_train(str(tmp_path / "w"), "--config.data.source=jsonl", f"--config.data.path={data}",
                 check=False)
     assert proc.returncode != 0
     assert f"{data}:2: field 'completion' is missing" in proc.stderr
     # The same file with on_bad_row=skip trains and reports the skip.
-    proc = _run(str(tmp_path / "w2"), "--config.data.source=jsonl", f"--config.data.path={data}",
+    proc = run_train(str(tmp_path / "w2"), "--config.data.source=jsonl", f"--config.data.path={data}",
                 "--config.data.on_bad_row=skip")
     assert "missing_field" in proc.stdout or "missing" in proc.stdout
 
@@ -216,7 +195,7 @@ def test_persistent_nan_is_skipped_then_stops_the_run(tmp_path, monkeypatch):
     workdir = str(tmp_path / "nan")
     with pytest.raises(FloatingPointError, match="step 8: 5 consecutive steps had a non-finite"):
         run(config, workdir)
-    metrics = _metrics(workdir)
+    metrics = read_metrics(workdir)
     assert [metrics[s]["skipped_nonfinite"] for s in range(1, 8)] == [0, 0, 0, 1, 1, 1, 1]
     assert all(np.isfinite(metrics[s]["loss"]) for s in (1, 2, 3))
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # the last good state is kept

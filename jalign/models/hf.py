@@ -46,6 +46,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
 # Non-architecture keys save_pretrained copies from `extra_config`.
 EXTRA_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# config.json keys without a default (config_from_hf indexes them).
+_REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads")
 __all__ = ["abstract_params", "config_from_hf", "config_to_hf", "from_pretrained",
            "save_pretrained"]
 
@@ -154,12 +157,35 @@ def _weight_map(path: str) -> dict[str, str]:
         raise ValueError(f"no *.safetensors in {path}{hint}")
     weight_map = {}
     for file in files:
-        with safe_open(os.path.join(path, file), framework="numpy") as f:
+        with _safe_open(os.path.join(path, file)) as f:
             for name in f.keys():
                 if name in weight_map:
                     raise ValueError(f"tensor {name} is in both {weight_map[name]} and {file}")
                 weight_map[name] = file
     return weight_map
+
+
+def _safe_open(file: str):
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as e:  # SafetensorError: a truncated or corrupt file
+        raise ValueError(f"{file} is not a readable safetensors file ({e}); it may be "
+                         "truncated: download or save it again") from e
+
+
+def _read_config_json(config_path: str) -> dict[str, Any]:
+    try:
+        with open(config_path) as f:
+            hf_config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{config_path} should hold a JSON object, got {type(hf_config).__name__}")
+    for key in _REQUIRED_CONFIG_KEYS:
+        if key not in hf_config:
+            raise ValueError(f"{config_path} has no {key!r} (a Hugging Face config.json of a "
+                             "supported family names it)")
+    return hf_config
 
 
 def _default_mesh() -> Mesh:
@@ -188,11 +214,10 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, dtype: str | None = 
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"no config.json in {path} (expected a Hugging Face model folder)")
-    with open(config_path) as f:
-        hf_config = json.load(f)
+    hf_config = _read_config_json(config_path)
     weight_map = _weight_map(path)
     with contextlib.ExitStack() as stack:
-        files = {name: stack.enter_context(safe_open(os.path.join(path, name), framework="numpy"))
+        files = {name: stack.enter_context(_safe_open(os.path.join(path, name)))
                  for name in sorted(set(weight_map.values()))}
         if dtype is None and "model.embed_tokens.weight" in weight_map:
             stored = files[weight_map["model.embed_tokens.weight"]].get_slice(

@@ -1,0 +1,70 @@
+"""Helpers shared by the tests that run the trainer: the CLI in a subprocess or run() in-process."""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART_SFT = "configs/quickstart.py:sft,test"
+# One CPU device per training subprocess: the runs compare bit-for-bit across restarts.
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+
+
+def cached_env(cache_dir):
+    """ENV for runs restarted many times: unbuffered output (a killed run has printed where it
+    resumed) and a persistent compilation cache shared by the runs (restarts skip most of XLA)."""
+    return dict(ENV, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def train_cmd(workdir, *overrides, config=QUICKSTART_SFT):
+    return [sys.executable, "-m", "jalign.train", f"--config={config}", f"--workdir={workdir}",
+            *overrides]
+
+
+def run_train(workdir, *overrides, check=True, config=QUICKSTART_SFT, env=None):
+    """Runs `python -m jalign.train` to completion; raises with its output if it fails."""
+    proc = subprocess.run(train_cmd(workdir, *overrides, config=config), cwd=ROOT,
+                          env=env or ENV, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(workdir):
+    """step -> the metrics.jsonl record of that step."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def parse_config(*overrides, config=QUICKSTART_SFT):
+    """The config `python -m jalign.train --config=CONFIG OVERRIDES...` would train with.
+
+    Parsed by the same absl/ml_collections flags as the command line, so a bad
+    override fails here exactly as it fails there.
+    """
+    argv = ["jalign.train", f"--config={os.path.join(ROOT, config)}", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values,
+                                    lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
+
+
+def load_final_params(workdir, *overrides, config=QUICKSTART_SFT):
+    """WORKDIR/final_params of a decoder run with these overrides, as NumPy arrays."""
+    import jax
+    import numpy as np
+
+    from jalign import checkpoint, models
+    from jalign.models.config import ModelConfig
+
+    model_cfg = ModelConfig.from_mapping(parse_config(*overrides, config=config).model)
+    params = checkpoint.load_params(os.path.join(workdir, "final_params"),
+                                    models.abstract_params(model_cfg))
+    return jax.tree.map(np.asarray, params)
