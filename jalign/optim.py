@@ -35,7 +35,8 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: Mapping[str, Any], total_steps: int, *,
+                   updates_per_step: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping, from `config.optimizer`.
 
     Keys: learning_rate, warmup_steps, schedule, end_learning_rate_factor, b1, b2,
@@ -47,11 +48,15 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.Grad
         raise ValueError(f"config.optimizer.mu_dtype must be '', 'float32' or 'bfloat16', "
                          f"got {mu_dtype!r}")
     schedule = make_schedule(cfg, total_steps)
+    # The returned schedule is in train steps; optax counts updates, and an RL step
+    # takes `updates_per_step` of them (epochs x minibatches).
+    by_update = schedule if updates_per_step == 1 else (
+        lambda count: schedule(count // updates_per_step))
     parts = []
     max_norm = float(cfg.get("max_grad_norm", 1.0))
     if max_norm > 0:
         parts.append(optax.clip_by_global_norm(max_norm))
-    parts.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
+    parts.append(optax.adamw(by_update, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
                              eps=float(cfg.get("eps", 1e-8)),
                              weight_decay=float(cfg.get("weight_decay", 0.0)), mask=decay_mask,
                              mu_dtype=mu_dtype))

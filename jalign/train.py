@@ -143,8 +143,11 @@ def _abstract_with_shardings(state, shardings):
                         state, shardings)
 
 
-def _device_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+def _device_batch(batch: dict[str, Any], sharding) -> dict[str, jax.Array]:
+    """Host arrays become global arrays; arrays already on the devices (an RL rollout
+    built there, batch-sharded) pass through without a round trip to the host."""
+    return {k: v if isinstance(v, jax.Array) else
+            jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
 
 
@@ -166,7 +169,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     setup = algo.setup(config, model_cfg, workdir)
 
     train_cfg = config.train
-    optimizer, schedule = make_optimizer(config.optimizer, train_cfg.num_steps)
+    optimizer, schedule = make_optimizer(config.optimizer, train_cfg.num_steps,
+                                         updates_per_step=algo.updates_per_step(config))
     state, state_shardings = init_train_state(
         setup.params_init_fn or decoder_init_fn(model_cfg), optimizer, mesh, rules,
         seed=config.seed, load_params=setup.load_params, with_reference=setup.with_reference,

@@ -3,8 +3,11 @@
 Each training step first runs a rollout (outside the pure step): sample
 `group_size` completions per prompt from the current policy, score them with the
 reward sources, and turn them into a training batch; then the pure step updates
-the policy. The rollout's randomness comes from the train state's step RNG, so a
-resumed run samples the same completions.
+the policy. Sampling, reference log-probs, values and advantages run on the
+devices, split over the batch like the training batch; only the completion
+tokens visit the host (for text rewards), and one score per sequence comes back.
+The rollout's randomness comes from the train state's step RNG, so a resumed run
+samples the same completions.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from typing import Callable, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jalign import losses
+from jalign import sharding as shd
 from jalign.algorithms.common import (AlgorithmSetup, check_vocab, load_start_params,
                                       load_tokenizer, summarize_run, task_evaluator)
 from jalign.generate import decode_completions, generate, left_pad
@@ -103,36 +108,95 @@ def _prompt_dataset(prompts: list[str], batch_size: int, seed: int):
     return dataset
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _token_logps(params, config, batch):
-    return shifted_logprobs(params, config, batch)[0]
+# Folded into the step RNG for sampling (the steps' minibatch shuffle uses 29).
+_ROLLOUT_STREAM = 17
 
 
-def sample_groups(params, model_cfg, tokenizer, prompts: Sequence[str], group_size: int, rng, *,
-                  max_new_tokens: int, temperature: float):
-    """Samples `group_size` completions per prompt; returns a batch dict and the texts.
+def _batch_sharding(config, params):
+    """The loop's batch sharding (mesh read off the params, rules from the config)."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    return shd.data_sharding(mesh, shd.rules_from_config(config.get("logical_axis_rules")))
 
-    The batch carries the sampler's behaviour log-probs as `old_logps` (no second
-    forward pass); with temperature 1 they equal the trainer's log-probs.
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded array, one copy each (an explicit transfer)."""
+    shards = {}
+    for shard in x.addressable_shards:
+        shards.setdefault(shard.index[0].start or 0, shard.data)
+    return np.concatenate(jax.device_get([shards[k] for k in sorted(shards)]))
+
+
+def make_sampler(model_cfg: ModelConfig, tokenizer, *, max_new_tokens: int, temperature: float):
+    """Jitted `(params, rng, step, prompt_BxP, mask_BxP) -> (batch, completion_BxN, mask_BxN)`.
+
+    Everything stays on device, split over the batch like the prompts. The batch
+    is in the rollout layout (tokens, segment_ids, loss_mask, positions [B, P+N])
+    and carries the sampler's behaviour log-probs as `old_logps` [B, P+N-1], aligned
+    like shifted_logprobs (no second forward pass; at temperature 1 they equal the
+    trainer's). The sampling RNG is derived from the state's (rng, step).
+    """
+    def sample(params, rng, step, prompt_BxP, mask_BxP):
+        rng = jax.random.fold_in(jax.random.fold_in(rng, step), _ROLLOUT_STREAM)
+        out = generate(params, model_cfg, prompt_BxP, mask_BxP, rng, max_new_tokens=max_new_tokens,
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, greedy=False,
+                       temperature=temperature)
+        segments = jnp.concatenate([mask_BxP, out.completion_mask], 1)
+        # Position t scores token t + 1: the first completion token sits at P - 1.
+        width = prompt_BxP.shape[1]
+        old_logps = jnp.concatenate([jnp.zeros((out.logps.shape[0], width - 1), jnp.float32),
+                                     out.logps], 1)
+        batch = {"tokens": out.tokens, "segment_ids": segments,
+                 "loss_mask": jnp.concatenate([jnp.zeros_like(mask_BxP), out.completion_mask], 1),
+                 "positions": jnp.maximum(jnp.cumsum(segments, 1) - 1, 0).astype(jnp.int32),
+                 "old_logps": old_logps}
+        return batch, out.tokens[:, width:], out.completion_mask
+    return jax.jit(sample)
+
+
+def sample_and_score(state, params, prompts: Sequence[str], *, sampler, tokenizer, reward_fn,
+                     group_size: int, sharding):
+    """Samples `group_size` completions per prompt from `params` and scores them.
+
+    The prompts (token ids) go to the devices split over the batch; the only
+    arrays that come back to the host are the completion tokens and their mask,
+    for the reward function (text in, one float per sequence out), whose scores
+    return split like the batch. Returns (device batch, scores_B on device,
+    host metrics, the scores on the host).
     """
     repeated = [p for p in prompts for _ in range(group_size)]
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     encoded = [bos + tokenizer.encode(p) for p in repeated]
-    width = -(-max(len(e) for e in encoded) // 16) * 16
-    prompt, mask = left_pad(encoded, tokenizer.pad_id, width)
-    tokens, comp_mask, logps = jax.device_get(generate(
-        params, model_cfg, prompt, mask, rng, max_new_tokens=max_new_tokens,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, greedy=False, temperature=temperature))
-    segments = np.concatenate([mask, comp_mask], 1)
-    # Behaviour log-probs aligned like shifted_logprobs: position t scores token t + 1.
-    old_logps = np.zeros((tokens.shape[0], tokens.shape[1] - 1), np.float32)
-    old_logps[:, width - 1:] = logps
-    batch = {"tokens": tokens, "segment_ids": segments,
-             "loss_mask": np.concatenate([np.zeros_like(mask), comp_mask], 1),
-             "positions": np.maximum(np.cumsum(segments, 1) - 1, 0).astype(np.int32),
-             "old_logps": old_logps}
-    texts = decode_completions(tokenizer, tokens[:, width:], comp_mask)
-    return batch, repeated, texts
+    prompt, mask = left_pad(encoded, tokenizer.pad_id, -(-max(len(e) for e in encoded) // 16) * 16)
+    put = functools.partial(jax.make_array_from_process_local_data, sharding)
+    batch, completion, completion_mask = sampler(params, state.rng, state.step, put(prompt), put(mask))
+    completion, completion_mask = _local_rows(completion), _local_rows(completion_mask)
+    texts = decode_completions(tokenizer, completion, completion_mask)
+    scores = np.asarray(reward_fn(repeated, texts), np.float32)
+    metrics = {"objective/scores": float(scores.mean()),
+               "completions/mean_length": float(completion_mask.sum(-1).mean())}
+    return batch, put(scores), metrics, scores
+
+
+def _policy_gradient_batch_fn(model_cfg: ModelConfig, rl, algo: str):
+    """Jitted (reference params, batch, scores_B) -> (batch with advantages, metrics)."""
+    def finish(reference, batch, scores_B):
+        metrics = {}
+        rewards = scores_B
+        if rl.kl_beta > 0:
+            ref_logps = shifted_logprobs(reference, model_cfg, batch)[0]
+            if algo == "rloo":  # RLOO folds a k1 KL penalty into the sequence reward
+                kl = ((batch["old_logps"] - ref_logps) * batch["loss_mask"][:, 1:]).sum(-1)
+                metrics["objective/kl"] = kl.mean()
+                rewards = rewards - rl.kl_beta * kl
+            else:
+                batch = dict(batch, ref_logps=ref_logps)
+        if algo == "rloo":
+            advantages = rloo_advantages(rewards, rl.group_size)
+        else:
+            advantages = group_advantages(rewards, rl.group_size, scale=rl.scale_rewards)
+        metrics["objective/rlhf_reward"] = rewards.mean()
+        return dict(batch, advantages=advantages), metrics
+    return jax.jit(finish)
 
 
 def _rl_inputs(config, model_cfg: ModelConfig):
@@ -152,33 +216,21 @@ def _setup(config, model_cfg: ModelConfig, workdir: str, *, online_dpo: bool,
            inputs=None) -> AlgorithmSetup:
     tokenizer, task, prompts, reward_fn = inputs or _rl_inputs(config, model_cfg)
     rl = config.rl
-    group = rl.group_size
+    sampler = make_sampler(model_cfg, tokenizer, max_new_tokens=rl.max_new_tokens,
+                           temperature=rl.temperature)
+    finish = _policy_gradient_batch_fn(model_cfg, rl, config.algo)
 
     def rollout(state, prompt_batch):
-        rng = jax.random.fold_in(state.step_rng(), 17)
-        batch, repeated, texts = sample_groups(
-            state.params, model_cfg, tokenizer, [str(p) for p in prompt_batch], group, rng,
-            max_new_tokens=rl.max_new_tokens, temperature=rl.temperature)
-        rewards = reward_fn(repeated, texts)
-        lengths = batch["loss_mask"].sum(-1)
-        metrics = {"objective/scores": float(rewards.mean()),
-                   "completions/mean_length": float(lengths.mean())}
+        batch, scores, metrics, host_scores = sample_and_score(
+            state, state.params, [str(p) for p in prompt_batch], sampler=sampler, tokenizer=tokenizer,
+            reward_fn=reward_fn, group_size=rl.group_size,
+            sharding=_batch_sharding(config, state.params))
         if online_dpo:
-            return _preference_batch(batch, rewards, group), metrics
-        if rl.kl_beta > 0:
-            batch["ref_logps"] = np.asarray(_token_logps(state.frozen["reference"], model_cfg, batch))
-        if config.algo == "rloo":
-            if rl.kl_beta > 0:  # RLOO folds a k1 KL penalty into the sequence reward
-                mask = batch["loss_mask"][:, 1:]
-                kl = ((batch["old_logps"] - batch.pop("ref_logps")) * mask).sum(-1)
-                metrics["objective/kl"] = float(kl.mean())
-                rewards = rewards - rl.kl_beta * kl
-            advantages = rloo_advantages(rewards, group)
-        else:
-            advantages = group_advantages(rewards, group, scale=rl.scale_rewards)
-        batch["advantages"] = np.asarray(advantages)
-        metrics["objective/rlhf_reward"] = float(rewards.mean())
-        return batch, metrics
+            host_batch = {k: _local_rows(v) for k, v in batch.items() if k != "old_logps"}
+            return _preference_batch(host_batch, host_scores, rl.group_size), metrics
+        batch, device_metrics = finish(state.frozen["reference"] if rl.kl_beta > 0 else None,
+                                       batch, scores)
+        return batch, {**metrics, **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
 
     return AlgorithmSetup(tokenizer=tokenizer,
                           dataset=_prompt_dataset(prompts, config.data.batch_size, config.seed),
@@ -194,7 +246,7 @@ def _preference_batch(batch, rewards, group):
     best = grouped.argmax(1) + np.arange(grouped.shape[0]) * group
     worst = grouped.argmin(1) + np.arange(grouped.shape[0]) * group
     rows = np.stack([best, worst], 1).reshape(-1)
-    out = {k: v[rows] for k, v in batch.items() if k != "old_logps"}
+    out = {k: v[rows] for k, v in batch.items()}
     n = grouped.shape[0]
     valid = (grouped.max(1) > grouped.min(1)).astype(np.float32)  # ties teach nothing
     seq = np.where(out["segment_ids"] > 0, np.arange(2 * n, dtype=np.int32)[:, None], -1)
@@ -219,7 +271,8 @@ def grpo_step(config, model_cfg, optimizer, schedule, setup):
                        kl_estimator=rl.kl_estimator, max_completion_length=rl.max_new_tokens,
                        sequence_level_ratio=config.algo == "rloo")
     return make_policy_gradient_step(model_cfg, optimizer, loss_kwargs=loss_kwargs,
-                                     num_iterations=rl.num_iterations, schedule=schedule,
+                                     num_iterations=rl.num_iterations,
+                                     num_minibatches=rl.num_minibatches, schedule=schedule,
                                      logprob_impl=config.train.logprob_impl)
 
 
@@ -232,24 +285,49 @@ def online_dpo_step(config, model_cfg, optimizer, schedule, setup):
 
 # --------------------------------------------------------------------- PPO with a critic
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _token_values(params, config, batch):
+def _ppo_batch_fn(model_cfg: ModelConfig, rl):
+    """Jitted (params, frozen, batch, scores_B) -> (PPO batch, metrics), all on device.
+
+    Adds the critic's `old_values`, GAE `advantages` (whitened) and `returns` from
+    per-token rewards -kl_coef * KL_t plus the score on the last completion token,
+    and each sequence's KL to the reference `kl`.
+    """
+    from jalign.losses.rl import gae_advantages, kl_estimate, whiten
     from jalign.models.heads import token_values
-    return token_values(params, config, batch)[:, :-1]
+
+    def finish(params, frozen, batch, scores_B):
+        mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        ref_logps = shifted_logprobs(frozen["reference"], model_cfg, batch)[0]
+        old_values = token_values(params["critic"], model_cfg, batch)[:, :-1]
+        kl_t = kl_estimate(batch["old_logps"], ref_logps, estimator=rl.kl_estimator) * mask
+        coef = frozen["kl_coef"]
+        steps = mask.shape[1]
+        last = steps - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # last completion token
+        is_last = (jnp.arange(steps)[None, :] == last[:, None]).astype(jnp.float32)
+        rewards_t = -coef * kl_t + is_last * scores_B[:, None]
+        adv, returns = gae_advantages(rewards_t, old_values, mask, gamma=rl.gamma, lam=rl.lam)
+        seq_kl = kl_t.sum(-1)
+        batch = dict(batch, old_values=old_values * mask, advantages=whiten(adv, mask),
+                     returns=returns, kl=seq_kl)
+        metrics = {"objective/kl": seq_kl.mean(), "objective/non_score_reward": -coef * seq_kl.mean(),
+                   "objective/rlhf_reward": (scores_B - coef * seq_kl).mean()}
+        return batch, metrics
+    return jax.jit(finish)
 
 
 def ppo_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
     """PPO: policy + separate critic (a scalar model, from the reward model if given)."""
-    from jax import numpy as jnp
     from jalign.checkpoint import load_params
-    from jalign.losses.rl import gae_advantages, kl_estimate, whiten
     from jalign.models.heads import scalar_model_init_fn
     from jalign.train import decoder_init_fn
 
     inputs = _rl_inputs(config, model_cfg)  # one reward function (and reward model) for both
     base = _setup(config, model_cfg, workdir, online_dpo=False, inputs=inputs)
     rl = config.rl
-    task_reward = inputs[3]
+    tokenizer, reward_fn = inputs[0], inputs[3]
+    sampler = make_sampler(model_cfg, tokenizer, max_new_tokens=rl.max_new_tokens,
+                           temperature=rl.temperature)
+    finish = _ppo_batch_fn(model_cfg, rl)
 
     def params_init(rng):
         p_rng, c_rng = jax.random.split(rng)
@@ -266,32 +344,13 @@ def ppo_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
         return {"policy": policy, "critic": critic}
 
     def rollout(state, prompt_batch):
-        rng = jax.random.fold_in(state.step_rng(), 17)
-        policy, critic = state.params["policy"], state.params["critic"]
-        batch, repeated, texts = sample_groups(
-            policy, model_cfg, base.tokenizer, [str(p) for p in prompt_batch], rl.group_size, rng,
-            max_new_tokens=rl.max_new_tokens, temperature=rl.temperature)
-        scores = task_reward(repeated, texts)
-        mask = batch["loss_mask"][:, 1:].astype(np.float32)
-        old_logps = batch["old_logps"]
-        ref_logps = np.asarray(_token_logps(state.frozen["reference"], model_cfg, batch))
-        old_values = np.asarray(_token_values(critic, model_cfg, batch))
-        kl_t = np.asarray(kl_estimate(old_logps, ref_logps, estimator=rl.kl_estimator)) * mask
-        coef = float(state.frozen["kl_coef"])
-        rewards_t = -coef * kl_t
-        last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # last completion token
-        rewards_t[np.arange(len(last)), last] += scores
-        adv, returns = gae_advantages(jnp.asarray(rewards_t), jnp.asarray(old_values), jnp.asarray(mask),
-                                      gamma=rl.gamma, lam=rl.lam)
-        seq_kl = kl_t.sum(-1)
-        batch.update(old_logps=old_logps, old_values=old_values * mask,
-                     advantages=np.asarray(whiten(adv, jnp.asarray(mask))), returns=np.asarray(returns),
-                     kl=seq_kl.astype(np.float32))
-        metrics = {"objective/scores": float(scores.mean()), "objective/kl": float(seq_kl.mean()),
-                   "objective/non_score_reward": float(-coef * seq_kl.mean()),
-                   "objective/rlhf_reward": float((scores - coef * seq_kl).mean()),
-                   "completions/mean_length": float(batch["loss_mask"].sum(-1).mean())}
-        return batch, metrics
+        """Sampling, reference log-probs, values and advantages stay on device, batch-split."""
+        batch, scores, metrics, _ = sample_and_score(
+            state, state.params["policy"], [str(p) for p in prompt_batch], sampler=sampler,
+            tokenizer=tokenizer, reward_fn=reward_fn, group_size=rl.group_size,
+            sharding=_batch_sharding(config, state.params))
+        batch, device_metrics = finish(state.params, state.frozen, batch, scores)
+        return batch, {**metrics, **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
 
     base.params_init_fn = params_init
     base.load_params = load if (config.init_from or rl.critic_init) else None
@@ -309,6 +368,7 @@ def ppo_step(config, model_cfg, optimizer, schedule, setup):
     rl = config.rl
     return make_ppo_step(model_cfg, optimizer, clip_eps=rl.clip_eps_low, value_clip=rl.value_clip,
                          vf_coef=rl.vf_coef, entropy_coef=rl.entropy_coef,
-                         num_iterations=rl.num_iterations, kl_target=rl.kl_target or None,
+                         num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches,
+                         kl_target=rl.kl_target or None,
                          kl_horizon=rl.kl_horizon, schedule=schedule,
                          logprob_impl=config.train.logprob_impl)

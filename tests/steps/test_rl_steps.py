@@ -90,3 +90,93 @@ def test_grpo_first_update_is_the_policy_gradient():
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
     assert float(metrics["policy/approxkl_avg"]) < 1e-10
     assert float(metrics["grad_norm"]) > 0
+
+
+def _equal_length_batch(n=8, t=16, seed=1):
+    """Every sequence has the same completion length: minibatch token means average to the batch's."""
+    batch = _rollout_batch(n, t, seed)
+    mask = np.zeros_like(batch["loss_mask"])
+    mask[:, 6:12] = 1
+    segment = np.zeros_like(mask)
+    segment[:, :12] = 1
+    m = mask[:, 1:].astype(np.float32)
+    return dict(batch, loss_mask=mask, segment_ids=segment,
+                **{k: batch[k] * m for k in ("old_logps", "old_values", "returns", "advantages")})
+
+
+def _single_device_state(params_init, opt, **kwargs):
+    mesh = shd.make_mesh({"fsdp": 1}, jax.devices()[:1])
+    return init_train_state(params_init, opt, mesh, shd.DEFAULT_RULES, seed=0, **kwargs)[0]
+
+
+def _ppo_state(opt):
+    return _single_device_state(_ppo_params_init, opt, with_reference="policy",
+                                frozen_extra={"kl_coef": jnp.float32(0.05)})
+
+
+def test_one_minibatch_epochs_are_repeated_full_batch_updates():
+    """num_minibatches=1: two epochs in one step == two one-epoch steps, in order, unshuffled."""
+    opt = optax.adam(1e-2)
+    batch = _rollout_batch()
+    two = jax.jit(make_ppo_step(CFG, opt, num_iterations=2, entropy_coef=0.01))
+    one = jax.jit(make_ppo_step(CFG, opt, num_iterations=1, entropy_coef=0.01))
+    state = _ppo_state(opt)
+    want_state, _ = one(state, batch)
+    want_state, want_metrics = one(want_state, batch)
+    got_state, got_metrics = two(state, batch)
+    chex.assert_trees_all_close(got_state.params, want_state.params, rtol=1e-6, atol=1e-7)
+    assert float(got_metrics["policy/approxkl_avg"]) > 0  # the second epoch saw ratios != 1
+    for key in ("loss", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg",
+                "policy/clipfrac_avg", "val/clipfrac_avg", "grad_norm"):
+        np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, err_msg=key)
+
+
+def test_minibatch_metrics_at_zero_learning_rate_equal_the_full_batch(num_minibatches=4):
+    """Frozen params: the minibatches partition the batch, so their averaged metrics are the batch's."""
+    opt = optax.sgd(0.0)
+    batch = _equal_length_batch()
+    state = _ppo_state(opt)
+    full = jax.jit(make_ppo_step(CFG, opt, num_iterations=2))(state, batch)[1]
+    split = jax.jit(make_ppo_step(CFG, opt, num_iterations=2, num_minibatches=num_minibatches))(
+        state, batch)[1]
+    for key in ("loss", "loss/policy_avg", "loss/value_avg", "objective/entropy",
+                "policy/approxkl_avg", "policy/clipfrac_avg", "val/clipfrac_avg"):
+        np.testing.assert_allclose(split[key], full[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert float(full["policy/clipfrac_avg"]) > 0 and float(full["val/clipfrac_avg"]) > 0
+
+
+def test_policy_gradient_minibatches_share_the_implementation():
+    """The critic-free step splits the same way (zero learning rate)."""
+    opt = optax.sgd(0.0)
+    batch = dict(_equal_length_batch(), advantages=np.linspace(-1, 1, 8).astype(np.float32))
+    state = _single_device_state(decoder_init_fn(CFG), opt)
+    kwargs = dict(loss_kwargs={"loss_aggregation": "grpo"}, num_iterations=2)
+    full = jax.jit(make_policy_gradient_step(CFG, opt, **kwargs))(state, batch)[1]
+    split = jax.jit(make_policy_gradient_step(CFG, opt, num_minibatches=4, **kwargs))(state, batch)[1]
+    for key in ("loss", "policy/approxkl_avg", "policy/clipfrac_avg"):
+        np.testing.assert_allclose(split[key], full[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_k_minibatches_take_k_optimizer_steps_shuffled_by_the_step_rng():
+    opt = optax.adam(1e-2)
+    batch = _rollout_batch()
+    step = jax.jit(make_ppo_step(CFG, opt, num_iterations=3, num_minibatches=2))
+    state = _ppo_state(opt)
+    new, _ = step(state, batch)
+    assert int(new.opt_state[0].count) == 3 * 2
+    assert int(new.step) == 1  # one train step per rollout batch
+    # The shuffle comes from the state: the same state repeats it, another step number does not.
+    again, _ = step(state, batch)
+    chex.assert_trees_all_equal(again.params, new.params)
+    later, _ = step(state.replace(step=state.step + 1), batch)
+    diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), later.params, new.params)
+    assert max(jax.tree.leaves(diff)) > 0
+
+
+def test_batch_that_does_not_split_into_minibatches_is_named():
+    opt = optax.sgd(0.0)
+    step = make_ppo_step(CFG, opt, num_minibatches=3)
+    with pytest.raises(ValueError, match=r"rollout batch of 8 sequences .*config.rl.num_minibatches=3"):
+        jax.jit(step)(_ppo_state(opt), _rollout_batch())
+    with pytest.raises(ValueError, match="config.rl.num_minibatches"):
+        make_policy_gradient_step(CFG, opt, num_minibatches=0)
