@@ -11,7 +11,10 @@ the tokenizer files, unchanged.
         --model-config=OUT_DIR/model_config.json --out=HF_DIR \\
         [--tokenizer=DIR] [--hf-config=FILE] [--max-shard-size=5GB]
 
-writes a folder transformers loads. --model-config is a JSON file (a ModelConfig
+writes a folder transformers loads. A LoRA run's WORKDIR/final_params already has its
+adapters merged; to merge saved adapters into a base yourself, give the base as
+--params and the run's WORKDIR/final_adapters as --adapters, with the run's config
+(its model.lora_rank / lora_alpha) as --model-config. --model-config is a JSON file (a ModelConfig
 dict, or a jalign config with a "model" key), a preset name (jalign.models.PRESETS)
 or a config file `configs/NAME.py[:arg]`. Safetensors only; nothing is unpickled.
 """
@@ -19,13 +22,14 @@ or a config file `configs/NAME.py[:arg]`. Safetensors only; nothing is unpickled
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
 import shutil
 import sys
 
-from jalign import checkpoint
+from jalign import checkpoint, lora
 from jalign.models import hf
 from jalign.models.config import PRESETS, ModelConfig
 
@@ -66,9 +70,18 @@ def import_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None) -> ModelCo
 
 
 def export_hf(params_dir: str, config: ModelConfig, out_dir: str, *,
-              tokenizer_dir: str | None = None, hf_config: str | None = None,
-              max_shard_size: str = "5GB") -> None:
-    params = checkpoint.load_params(params_dir, hf.abstract_params(config))
+              adapters_dir: str | None = None, tokenizer_dir: str | None = None,
+              hf_config: str | None = None, max_shard_size: str = "5GB") -> None:
+    dense = dataclasses.replace(config, lora_rank=0)  # exported models hold no adapters
+    params = checkpoint.load_params(params_dir, hf.abstract_params(dense))
+    if adapters_dir:
+        if not config.lora_rank:
+            raise ValueError("--adapters needs a --model-config with model.lora_rank > 0 "
+                             "(the run's config: it gives the adapters' rank and alpha)")
+        adapters = checkpoint.load_params(adapters_dir,
+                                          lora.split(hf.abstract_params(config))[0])
+        params = lora.merge_adapters(lora.merge(params, adapters), config)
+    config = dense
     extra = None
     if hf_config:
         with open(hf_config) as f:
@@ -91,6 +104,8 @@ def main(argv=None) -> int:
     exp.add_argument("--model-config", required=True,
                      help="model_config.json, a preset name or configs/NAME.py[:arg]")
     exp.add_argument("--out", required=True, help="output Hugging Face folder")
+    exp.add_argument("--adapters", default=None,
+                     help="a LoRA run's WORKDIR/final_adapters to merge into --params")
     exp.add_argument("--tokenizer", default=None, help="folder whose tokenizer files to copy")
     exp.add_argument("--hf-config", default=None,
                      help="a config.json to take bos/eos/pad token ids from (e.g. hf_config.json)")
@@ -103,7 +118,8 @@ def main(argv=None) -> int:
                   f"into {args.out}")
         else:
             config = read_model_config(args.model_config)
-            export_hf(args.params, config, args.out, tokenizer_dir=args.tokenizer,
+            export_hf(args.params, config, args.out, adapters_dir=args.adapters,
+                      tokenizer_dir=args.tokenizer,
                       hf_config=args.hf_config, max_shard_size=args.max_shard_size)
             print(f"exported a {config.family} model to {args.out}")
     except (ValueError, FileNotFoundError) as e:

@@ -176,3 +176,25 @@ def test_bad_lora_config_names_the_key():
         ModelConfig(lora_rank=4, lora_quantization="int3")
     with pytest.raises(ValueError, match="ref_sync_every"):
         make_dpo_step(LORA, optax.sgd(0.1), loss_fn=losses.dpo_loss, ref_sync_every=2)
+
+
+def test_export_merges_saved_adapters_into_the_base(tmp_path):
+    from jalign.checkpoint import save_params
+    from jalign.convert import export_hf
+    from jalign.models import hf
+
+    (state, _), _ = _state(LORA)
+    adapters = _perturbed_adapters(state.params)
+    save_params(str(tmp_path / "base"), state.frozen["base"])
+    save_params(str(tmp_path / "adapters"), adapters)
+    export_hf(str(tmp_path / "base"), LORA, str(tmp_path / "hf"),
+              adapters_dir=str(tmp_path / "adapters"))
+    config, params = hf.from_pretrained(str(tmp_path / "hf"))
+    assert config.lora_rank == 0
+    tokens = _batch()["tokens"]
+    want = Decoder(LORA).apply({"params": lora.merge(state.frozen["base"], adapters)}, tokens)
+    got = Decoder(config).apply({"params": params}, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="lora_rank > 0"):
+        export_hf(str(tmp_path / "base"), BASE, str(tmp_path / "hf2"),
+                  adapters_dir=str(tmp_path / "adapters"))
