@@ -232,6 +232,32 @@ def test_skip_mode_counts_and_reports_each_reason(tmp_path, capsys):
     assert sorted(set(batch["example_index"].tolist())) == [0, 1, 2, 3]
 
 
+def test_skip_mode_counts_rows_that_do_not_tokenise(tmp_path, capsys):
+    """A prompt that fills max_length and a row the chat template rejects are skipped at
+    start-up, counted with the file-level skips, named, and put in summary.json's entry."""
+    roles, too_long = (os.path.join(CORPUS, f) for f in ("chat_unknown_role.jsonl",
+                                                         "sft_prompt_too_long.jsonl"))
+    config = parse_config("--config.data.source=jsonl", f"--config.data.path={roles},{too_long}",
+                          "--config.data.tokenizer=" + os.path.join(
+                              CORPUS, "tokenizer_template_checks_roles"),
+                          "--config.data.max_prompt_length=48", "--config.data.on_bad_row=skip")
+    validate_config(config)
+    setup = get_algorithm(config.algo).setup(config, ModelConfig.from_mapping(config.model),
+                                              str(tmp_path / "workdir"))
+    out = capsys.readouterr().out
+    assert ("training data: skipped 2 rows (chat_template: 1, prompt_too_long: 1); "
+            "first examples:") in out
+    assert f"{roles}:2: chat template failed: TemplateError: unknown role wizard" in out
+    assert f"{too_long}:2: prompt is 49 tokens (with BOS)" in out
+    assert setup.summarize([], {})["skipped_rows"] == {"chat_template": 1, "prompt_too_long": 1}
+    # Only the two good rows (line 1 of each file) are in the batches.
+    batch = next(iter(setup.dataset(0, 1)))
+    texts = {setup.tokenizer.decode(row[mask == 1])
+             for row, mask in zip(batch["tokens"], batch["loss_mask"]) if mask.any()}
+    assert texts == {"1 3", "1 3\n"}
+    assert capsys.readouterr().out == ""  # nothing skipped, so nothing reported, later
+
+
 def test_data_that_looks_like_code_stays_text(tmp_path, monkeypatch):
     """A field holding Python or Jinja source is data: read, validated and tokenised as text."""
     monkeypatch.chdir(tmp_path)

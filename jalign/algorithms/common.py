@@ -49,9 +49,18 @@ def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
     return evaluate
 
 
-def summarize_run(name: str):
+def report_skips(report, what: str = "training data") -> None:
+    """Prints a SkipReport (file-level and tokenisation skips together) if it counted any."""
+    if report.total:
+        print(f"{what}: {report.summary()}", flush=True)
+
+
+def summarize_run(name: str, skip_report=None):
+    """summary.json's entry; with `skip_report`, "skipped_rows": {reason: count}."""
     def summarize(evals, final_metrics):
         out = {"algo": name, "final_metrics": final_metrics, "evals": evals}
+        if skip_report is not None:
+            out["skipped_rows"] = dict(sorted(skip_report.counts.items()))
         if evals:
             out["initial"], out["final"] = evals[0], evals[-1]
             before = evals[0].get("gold_reward/greedy")

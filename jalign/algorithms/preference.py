@@ -10,7 +10,8 @@ import numpy as np
 
 from jalign import losses
 from jalign.algorithms.common import (AlgorithmSetup, check_vocab, load_start_params,
-                                      load_tokenizer, summarize_run, task_evaluator)
+                                      load_tokenizer, report_skips, summarize_run,
+                                      task_evaluator)
 from jalign.models.config import ModelConfig
 from jalign.models.heads import scalar_model_init_fn, sequence_scores
 from jalign.steps.preference import (make_dpo_step, make_kto_step, make_reward_step,
@@ -56,10 +57,18 @@ def pair_loss_fn(dpo_cfg):
     return fn, False
 
 
-def _records(config, *, paired: bool, split: str, n: int, label_noise: float):
-    """Preference records from a built-in task (labelled by the gold reward) or files."""
-    from jalign.data import load_preference_records, preference_records_from_dicts
+def _records(config, tokenizer, *, paired: bool, split: str, n: int, label_noise: float):
+    """(task, records, skip report): preference records from a built-in task or files.
+
+    Built-in task pairs are labelled by the gold reward. Records that do not
+    tokenise with the configured lengths (a prompt that fills max_length, a chat
+    template that raises on the row) are raised or, under `on_bad_row="skip"`,
+    counted in the same report as the file's bad rows, once, and printed.
+    """
+    from jalign.data import (SkipReport, load_preference_records,
+                             preference_records_from_dicts, tokenizable_preference_records)
     data = config.data
+    task, report = None, SkipReport()
     if data.source == "task":
         from jalign.tasks import get_task
         task = get_task(data.task)
@@ -68,16 +77,21 @@ def _records(config, *, paired: bool, split: str, n: int, label_noise: float):
                                       length_bias=data.length_bias if split == "train" else 0.0,
                                       split=split) if paired else
                 task.unpaired(n, seed=seed, label_noise=label_noise, split=split))
-        return task, preference_records_from_dicts(rows, paired=paired, name=f"{task.name}:{split}")[0]
-    paths = [p for p in (data.path if split == "train" else data.eval_path).split(",") if p]
-    if not paths:
-        if split == "train":
-            raise ValueError(f"config.data.path must name the {data.source} file(s) to read")
-        return None, []
-    records, report = load_preference_records(paths, paired=paired, on_bad_row=data.on_bad_row)
-    if report.total:
-        print(report.summary())
-    return None, records
+        records = preference_records_from_dicts(rows, paired=paired, name=f"{task.name}:{split}")[0]
+    else:
+        paths = [p for p in (data.path if split == "train" else data.eval_path).split(",") if p]
+        if not paths:
+            if split == "train":
+                raise ValueError(f"config.data.path must name the {data.source} file(s) to read")
+            return None, [], report
+        records, report = load_preference_records(paths, paired=paired,
+                                                  on_bad_row=data.on_bad_row)
+    records = tokenizable_preference_records(
+        records, tokenizer, paired=paired, max_length=data.max_length,
+        max_prompt_length=data.max_prompt_length, truncation=data.truncation,
+        on_bad_row=data.on_bad_row, skip_report=report)
+    report_skips(report, "training data" if split == "train" else "held-out data")
+    return task, records, report
 
 
 def _dataset_fn(config, tokenizer, records, *, paired: bool, shuffle=True, num_epochs=None):
@@ -117,10 +131,11 @@ def _mean_over_pairs(values, masks):
 def reward_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
     tokenizer = load_tokenizer(config)
     check_vocab(model_cfg, tokenizer)
-    _, train = _records(config, paired=True, split="train", n=config.data.num_train_examples,
-                        label_noise=config.data.label_noise)
-    _, held_out = _records(config, paired=True, split="eval", n=config.data.num_eval_pairs,
-                           label_noise=0.0)
+    _, train, report = _records(config, tokenizer, paired=True, split="train",
+                                n=config.data.num_train_examples,
+                                label_noise=config.data.label_noise)
+    _, held_out, _ = _records(config, tokenizer, paired=True, split="eval",
+                              n=config.data.num_eval_pairs, label_noise=0.0)
     batches = _eval_batches(config, tokenizer, held_out)
     score = jax.jit(lambda p, b: sequence_scores(p, model_cfg, b, 2 * b["pair_mask"].shape[0]))
 
@@ -140,7 +155,7 @@ def reward_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup
                           params_init_fn=scalar_model_init_fn(model_cfg),
                           load_params=load_start_params(config, into="decoder"),
                           evaluate=evaluate if batches else None,
-                          summarize=summarize_run("reward"))
+                          summarize=summarize_run("reward", skip_report=report))
 
 
 def reward_step(config, model_cfg, optimizer, schedule, setup):
@@ -180,10 +195,11 @@ def _precompute_reference(config, model_cfg, tokenizer, records, params, workdir
 def _dpo_like_setup(config, model_cfg: ModelConfig, workdir: str, *, paired: bool) -> AlgorithmSetup:
     tokenizer = load_tokenizer(config)
     check_vocab(model_cfg, tokenizer)
-    task, train = _records(config, paired=paired, split="train",
-                           n=config.data.num_train_examples, label_noise=config.data.label_noise)
-    _, held_out = _records(config, paired=True, split="eval", n=config.data.num_eval_pairs,
-                           label_noise=0.0)
+    task, train, report = _records(config, tokenizer, paired=paired, split="train",
+                                   n=config.data.num_train_examples,
+                                   label_noise=config.data.label_noise)
+    _, held_out, _ = _records(config, tokenizer, paired=True, split="eval",
+                              n=config.data.num_eval_pairs, label_noise=0.0)
     reference_free = paired and pair_loss_fn(config.dpo)[1]
     precomputed = config.dpo.reference == "precomputed" and not reference_free
     batches = _eval_batches(config, tokenizer, held_out)
@@ -215,7 +231,7 @@ def _dpo_like_setup(config, model_cfg: ModelConfig, workdir: str, *, paired: boo
                           load_params=load_start_params(config),
                           with_reference=not (precomputed or reference_free),
                           evaluate=evaluate, prepare=prepare,
-                          summarize=summarize_run(config.algo))
+                          summarize=summarize_run(config.algo, skip_report=report))
 
 
 def dpo_setup(config, model_cfg, workdir):

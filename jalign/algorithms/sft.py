@@ -3,34 +3,45 @@
 from __future__ import annotations
 
 from jalign.algorithms.common import (AlgorithmSetup, check_vocab, load_start_params,
-                                      load_tokenizer, summarize_run, task_evaluator)
+                                      load_tokenizer, report_skips, summarize_run,
+                                      task_evaluator)
 from jalign.models.config import ModelConfig
 
 
 def sft_records(config, tokenizer):
-    """Prompt/completion records from a built-in task or from JSONL/Parquet files."""
+    """(task, records, skip report): demonstrations from a built-in task or files.
+
+    Records that do not tokenise with the configured lengths (e.g. a prompt that
+    fills max_length, a chat template that raises on the row) are raised or, under
+    `on_bad_row="skip"`, counted in the same report as the file's bad rows, once.
+    """
+    from jalign.data import SkipReport, load_records, tokenizable_sft_records
     data = config.data
+    task, report = None, SkipReport()
     if data.source == "task":
         from jalign.tasks import get_task
         task = get_task(data.task)
-        return task, task.demonstrations(data.num_train_examples, seed=config.seed,
-                                         quality=data.demo_quality)
-    from jalign.data import load_records
-    paths = [p for p in data.path.split(",") if p]
-    if not paths:
-        raise ValueError(f"config.data.path must name the {data.source} file(s) to read")
-    records, report = load_records(paths, required_fields=("prompt", "completion"),
-                                   on_bad_row=data.on_bad_row)
-    if report.total:
-        print(report.summary())
-    return None, records
+        records = task.demonstrations(data.num_train_examples, seed=config.seed,
+                                      quality=data.demo_quality)
+    else:
+        paths = [p for p in data.path.split(",") if p]
+        if not paths:
+            raise ValueError(f"config.data.path must name the {data.source} file(s) to read")
+        records, report = load_records(paths, required_fields=("prompt", "completion"),
+                                       on_bad_row=data.on_bad_row)
+    records = tokenizable_sft_records(
+        records, tokenizer, max_length=data.max_length,
+        max_prompt_length=data.max_prompt_length, truncation=data.truncation,
+        on_bad_row=data.on_bad_row, skip_report=report)
+    report_skips(report)
+    return task, records, report
 
 
 def setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
     from jalign.data import make_sft_dataset
     tokenizer = load_tokenizer(config)
     check_vocab(model_cfg, tokenizer)
-    task, records = sft_records(config, tokenizer)
+    task, records, report = sft_records(config, tokenizer)
     data = config.data
 
     def dataset(process_index, process_count):
@@ -48,7 +59,7 @@ def setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
     return AlgorithmSetup(tokenizer=tokenizer, dataset=dataset,
                           load_params=load_start_params(config),
                           evaluate=task_evaluator(config, model_cfg, tokenizer, task),
-                          summarize=summarize_run("sft"))
+                          summarize=summarize_run("sft", skip_report=report))
 
 
 def make_step(config, model_cfg, optimizer, schedule, setup):

@@ -6,12 +6,14 @@ from jalign.data.pipeline import (
     make_sft_dataset,
     pack_and_batch,
     pad_batch,
+    tokenizable_sft_records,
 )
 from jalign.data.preference import (
     load_preference_records,
     make_preference_dataset,
     make_unpaired_dataset,
     preference_records_from_dicts,
+    tokenizable_preference_records,
     tokenize_preference_pair,
     validate_preference_record,
 )
@@ -46,6 +48,8 @@ __all__ = [
     "preference_records_from_dicts",
     "records_from_dicts",
     "render_conversation",
+    "tokenizable_preference_records",
+    "tokenizable_sft_records",
     "tokenize_preference_pair",
     "tokenize_prompt_completion",
     "validate_preference_record",

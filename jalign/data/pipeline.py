@@ -1,6 +1,7 @@
 """grain pipelines that turn validated records into fixed-shape numpy batches.
 
-    records -> MapDataset.source -> shard (this process's slice)
+    records -> keep those that tokenise (checked once, up front)
+            -> MapDataset.source -> shard (this process's slice)
             -> shuffle(seed) -> repeat (reshuffled each epoch)
             -> map(tokenize) -> to_iter_dataset
             -> batch with bucketed padding      (packing=False)
@@ -18,6 +19,12 @@ T is one of the bucket boundaries (padded mode) or max_length (packing), so a
 jitted step compiles for few shapes. The last batch of a finite run is filled
 up to B with all-padding rows (segment_ids 0, loss_mask 0).
 
+Bad rows: every record is tokenised once when the dataset is built, before
+sharding. One that fails (a prompt that fills max_length, a chat template that
+raises, ...) raises a DataError naming its origin, or under on_bad_row="skip"
+is counted by reason in the SkipReport and left out, so the dataset holds
+only records that tokenise and the counts are known before the first batch.
+
 Checkpointing: `it = iter(ds)`; `it.get_state()` is a small dict and
 `iter(ds).set_state(state)` on an identically built dataset continues with
 exactly the batches the first iterator would have produced next.
@@ -27,17 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 
 import grain
 import numpy as np
 
 from jalign.data.sft import TRUNCATION_MODES, TokenizerLike, tokenize_prompt_completion
 from jalign.data.sources import ON_BAD_ROW, ORIGIN_KEY, DataError, SkipReport
-
-# Skip counting happens in grain's reader threads.
-_REPORT_LOCK = threading.Lock()
 
 # Tokenising is light: two reader threads keep up on small machines without
 # oversubscribing the cores the train step needs.
@@ -73,7 +77,8 @@ def _with_index(index: int, record: Mapping) -> tuple[int, Mapping]:
 
 def epoch_dataset(records: Sequence[Mapping], *, seed: int, shuffle: bool = True,
                   num_epochs: int | None = None, shard_index: int = 0,
-                  shard_count: int = 1) -> grain.MapDataset:
+                  shard_count: int = 1,
+                  indices: Sequence[int] | None = None) -> grain.MapDataset:
     """This process's records, shuffled per epoch and repeated.
 
     Elements are `(index, record)` with `index` the position in `records` (used
@@ -90,46 +95,95 @@ def epoch_dataset(records: Sequence[Mapping], *, seed: int, shuffle: bool = True
         num_epochs: number of passes; None repeats forever.
         shard_index: this process's shard (e.g. jax.process_index()).
         shard_count: number of shards (e.g. jax.process_count()).
+        indices: positions in `records` to use, in order (default: all); they
+            are shuffled and sharded as if they were the whole list.
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"need 0 <= shard_index < shard_count, got "
                          f"{shard_index} and {shard_count}")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
-    ds = grain.MapDataset.source(records).map_with_index(_with_index)
+    if indices is None:
+        ds = grain.MapDataset.source(records).map_with_index(_with_index)
+    else:
+        ds = grain.MapDataset.source([(i, records[i]) for i in indices])
     ds = ds.slice(slice(shard_index, None, shard_count))
     if len(ds) == 0:
+        n = len(records) if indices is None else len(indices)
         raise DataError(f"shard {shard_index} of {shard_count} is empty: only "
-                        f"{len(records)} records")
+                        f"{n} records")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     return ds.repeat(num_epochs)
 
 
+def tokenizable_indices(records: Sequence[Mapping], check: Callable, *,
+                        on_bad_row: str,
+                        skip_report: SkipReport | None) -> list[int]:
+    """Positions of the records that `check((index, record))` accepts.
+
+    Runs once over all records, in order. A record `check` rejects with a
+    DataError raises it (on_bad_row="raise") or is counted in `skip_report`
+    and left out (on_bad_row="skip"; without a report, the count is logged
+    as a warning).
+
+    Raises:
+        DataError: the first bad record under "raise"; or no record is left.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+    report = SkipReport() if skip_report is None else skip_report
+    before = report.total
+    kept = []
+    for index, record in enumerate(records):
+        try:
+            check((index, record))
+        except DataError as e:
+            if on_bad_row == "raise":
+                raise
+            report.add(e)
+            continue
+        kept.append(index)
+    if not kept:
+        raise DataError(f"none of the {len(records)} records could be tokenised; "
+                        f"{report.summary()}")
+    if skip_report is None and report.total > before:
+        logging.getLogger(__name__).warning("tokenisation %s", report.summary())
+    return kept
+
+
 def tokenized_examples(records: Sequence[Mapping], tokenize, *, seed: int, shuffle: bool,
                        num_epochs: int | None, shard_index: int, shard_count: int,
+                       on_bad_row: str, skip_report: SkipReport | None,
+                       check: Callable | None = None,
                        read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
-    """This process's records, shuffled per epoch, mapped by `tokenize` (None = skipped)."""
+    """This process's records that tokenise, shuffled per epoch, mapped by `tokenize`.
+
+    `tokenize((index, record))` returns an example or raises a DataError naming
+    the record. `check` (default `tokenize`) decides up front, over all
+    records, which are kept (see `tokenizable_indices`); `tokenize` then runs
+    lazily in grain's reader threads on kept records only.
+    """
+    kept = tokenizable_indices(records, check or tokenize, on_bad_row=on_bad_row,
+                               skip_report=skip_report)
     return (
         epoch_dataset(records, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                      shard_index=shard_index, shard_count=shard_count)
+                      shard_index=shard_index, shard_count=shard_count,
+                      indices=None if len(kept) == len(records) else kept)
         .map(tokenize)
-        # Records skipped by `tokenize` are None; to_iter_dataset drops them.
         .to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
     )
 
 
 @dataclasses.dataclass
 class _TokenizeSFT:
-    """Picklable map function: (index, record) -> example, or None to skip."""
+    """Picklable map function: (index, record) -> example; DataError names the record."""
 
     tokenizer: TokenizerLike
     max_length: int
     max_prompt_length: int | None
     truncation: str
     add_bos: bool
-    on_bad_row: str
-    skip_report: SkipReport | None
 
     def __call__(self, item):
         index, record = item
@@ -141,13 +195,26 @@ class _TokenizeSFT:
                 truncation=self.truncation, add_bos=self.add_bos)
         except DataError as e:
             origin = record.get(ORIGIN_KEY, f"record {index}")
-            error = DataError(f"{origin}: {e}", reason=e.reason)
-            if self.on_bad_row == "raise":
-                raise error from None
-            if self.skip_report is not None:
-                with _REPORT_LOCK:
-                    self.skip_report.add(error)
-            return None
+            raise DataError(f"{origin}: {e}", reason=e.reason) from None
+
+
+def tokenizable_sft_records(
+    records: Sequence[Mapping], tokenizer: TokenizerLike, *, max_length: int,
+    max_prompt_length: int | None = None, truncation: str = "keep_end",
+    add_bos: bool = True, on_bad_row: str = "raise",
+    skip_report: SkipReport | None = None,
+) -> list[Mapping]:
+    """The records `make_sft_dataset` with these arguments would keep.
+
+    For a training run to check (and count) its records once at start-up, in
+    the report that counted the file's bad rows; building datasets from the
+    returned list then skips nothing. Arguments as in `make_sft_dataset`.
+    """
+    tokenize = _TokenizeSFT(tokenizer, max_length, max_prompt_length, truncation,
+                            add_bos)
+    kept = tokenizable_indices(records, tokenize, on_bad_row=on_bad_row,
+                               skip_report=skip_report)
+    return [records[i] for i in kept]
 
 
 def _row_layout(length: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -273,29 +340,28 @@ def make_sft_dataset(
             64, ending at max_length (always appended). Unused when packing.
         max_prompt_length, truncation, add_bos: see `tokenize_prompt_completion`.
         shard_index, shard_count: this process's disjoint shard of records.
-        on_bad_row: what to do with a record whose prompt leaves no room for the
-            completion: "raise" a DataError naming its origin, or "skip" it.
-        skip_report: if given, skipped records are counted in it. Counting
-            happens as records are read, in this process only: it is not part
-            of the iterator state and misses records read by mp_prefetch
-            workers.
+        on_bad_row: what to do with a record that does not tokenise (its
+            prompt leaves no room for the completion, the chat template fails):
+            "raise" a DataError naming its origin, or "skip" it.
+        skip_report: skipped records are counted in it by reason, once, when
+            the dataset is built (over all records, not only this shard);
+            without one, the count is logged as a warning.
         read_options: grain ReadOptions for the tokenising reader threads.
 
     Returns:
         A grain.IterDataset of dicts of int32 [batch_size, T] arrays.
     """
-    if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if truncation not in TRUNCATION_MODES:
         raise ValueError(
             f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     tokenize = _TokenizeSFT(tokenizer, max_length, max_prompt_length, truncation,
-                            add_bos, on_bad_row, skip_report)
+                            add_bos)
     examples = tokenized_examples(records, tokenize, seed=seed, shuffle=shuffle,
                                   num_epochs=num_epochs, shard_index=shard_index,
-                                  shard_count=shard_count, read_options=read_options)
+                                  shard_count=shard_count, on_bad_row=on_bad_row,
+                                  skip_report=skip_report, read_options=read_options)
     if packing:
         return pack_and_batch(examples, batch_size=batch_size,
                               max_length=max_length, pad_id=tokenizer.pad_id,

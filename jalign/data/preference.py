@@ -49,16 +49,16 @@ import copy
 import dataclasses
 import functools
 import math
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from jalign.data.pipeline import _resolve_boundaries, tokenized_examples
+from jalign.data.pipeline import (_resolve_boundaries, tokenizable_indices,
+                                  tokenized_examples)
 from jalign.data.sft import TRUNCATION_MODES, TokenizerLike, tokenize_prompt_completion
-from jalign.data.sources import (ON_BAD_ROW, ORIGIN_KEY, DataError, SkipReport,
+from jalign.data.sources import (ORIGIN_KEY, DataError, SkipReport,
                                  load_records, records_from_dicts, validate_record)
 
 PAIRED_FIELDS = ("prompt", "chosen", "rejected")
@@ -70,7 +70,6 @@ INDEX_KEY = "_index"
 _ROW_KEYS = ("tokens", "loss_mask", "segment_ids", "positions", "sequence_index")
 # How far to look for a valid record whose prompt a KL pair can borrow.
 _MAX_KL_PARTNER_TRIES = 32
-_REPORT_LOCK = threading.Lock()
 
 
 def _type_name(value: Any) -> str:
@@ -207,7 +206,7 @@ def tokenize_preference_pair(prompt, chosen, rejected, tokenizer: TokenizerLike,
 
 @dataclasses.dataclass
 class _Prepare:
-    """Picklable map: (index, record) -> tokenised example, or None when skipped."""
+    """Picklable map: (index, record) -> tokenised example; DataError names the record."""
 
     records: Sequence[Mapping]  # For the KL partners of unpaired records.
     tokenizer: TokenizerLike
@@ -216,30 +215,24 @@ class _Prepare:
     max_length: int
     max_prompt_length: int | None
     truncation: str
-    on_bad_row: str
-    skip_report: SkipReport | None
 
     def __call__(self, item):
         index, record = item
-        try:
-            example = self._tokenize(index, record)
-            if not self.paired:
-                prompt_ids = self._kl_prompt(index)
-                if prompt_ids is None:  # No valid partner: a matched pair.
-                    prompt_ids = example["tokens"][:example["prompt_length"]]
-                completion = example["tokens"][example["prompt_length"]:]
-                kl_tokens = np.concatenate([prompt_ids, completion])[:self.max_length]
-                kl_mask = np.zeros_like(kl_tokens)
-                kl_mask[len(prompt_ids):] = 1
-                example.update(kl_tokens=kl_tokens, kl_loss_mask=kl_mask)
-            return example
-        except DataError as e:
-            if self.on_bad_row == "raise":
-                raise
-            if self.skip_report is not None:
-                with _REPORT_LOCK:
-                    self.skip_report.add(e)
-            return None
+        example = self._tokenize(index, record)
+        if not self.paired:
+            prompt_ids = self._kl_prompt(index)
+            if prompt_ids is None:  # No valid partner: a matched pair.
+                prompt_ids = example["tokens"][:example["prompt_length"]]
+            completion = example["tokens"][example["prompt_length"]:]
+            kl_tokens = np.concatenate([prompt_ids, completion])[:self.max_length]
+            kl_mask = np.zeros_like(kl_tokens)
+            kl_mask[len(prompt_ids):] = 1
+            example.update(kl_tokens=kl_tokens, kl_loss_mask=kl_mask)
+        return example
+
+    def check(self, item) -> None:
+        """Raises the DataError `__call__` would raise (the KL pair cannot fail)."""
+        self._tokenize(*item)
 
     def _tokenize(self, index: int, record: Mapping) -> dict:
         origin = record.get(ORIGIN_KEY, f"records[{index}]") if isinstance(
@@ -274,7 +267,7 @@ class _Prepare:
             try:
                 example = self._tokenize(partner, self.records[partner])
             except DataError:
-                continue  # Counted when the partner itself is read.
+                continue  # Counted (or raised) when the dataset was built.
             return example["tokens"][:example["prompt_length"]]
         return None
 
@@ -410,12 +403,41 @@ class _PackedPairs(grain.IterDataset):
         return _PackedPairsIterator(self._parent.__iter__(), **self._config)
 
 
+def _has_ref_fields(records: Sequence[Mapping], paired: bool) -> bool:
+    ref_fields = PAIRED_REF_FIELDS if paired else UNPAIRED_REF_FIELDS
+    return any(isinstance(r, Mapping) and any(f in r for f in ref_fields)
+               for r in records)
+
+
+def tokenizable_preference_records(
+    records: Sequence[Mapping], tokenizer: TokenizerLike, *, paired: bool = True,
+    max_length: int, max_prompt_length: int | None = None,
+    truncation: str = "keep_end", on_bad_row: str = "raise",
+    skip_report: SkipReport | None = None,
+) -> list[dict]:
+    """The records `make_preference_dataset` (`make_unpaired_dataset` if not
+    `paired`) with these arguments would keep.
+
+    For a training run to check (and count) its records once at start-up, in
+    the report that counted the file's bad rows; building datasets from the
+    returned list then skips nothing. Kept records are shallow copies whose
+    "_index" is renumbered to their position in the returned list (as
+    `load_preference_records` numbers them), so a precompute pass can index
+    arrays of that length. Other arguments as in `make_preference_dataset`.
+    """
+    prepare = _Prepare(records, tokenizer, paired, _has_ref_fields(records, paired),
+                       max_length, max_prompt_length, truncation)
+    kept = tokenizable_indices(records, prepare.check, on_bad_row=on_bad_row,
+                               skip_report=skip_report)
+    if len(kept) == len(records):
+        return list(records)
+    return [{**records[i], INDEX_KEY: j} for j, i in enumerate(kept)]
+
+
 def _make_dataset(records, tokenizer, *, paired, batch_size, max_length, seed,
                   shuffle, num_epochs, packing, packed_rows, bucket_boundaries,
                   max_prompt_length, truncation, shard_index, shard_count,
                   on_bad_row, skip_report, read_options) -> grain.IterDataset:
-    if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if truncation not in TRUNCATION_MODES:
@@ -424,14 +446,15 @@ def _make_dataset(records, tokenizer, *, paired, batch_size, max_length, seed,
     if packing and not paired:
         raise ValueError("packing is only implemented for paired data")
     ref_fields = PAIRED_REF_FIELDS if paired else UNPAIRED_REF_FIELDS
-    with_ref = any(isinstance(r, Mapping) and any(f in r for f in ref_fields)
-                   for r in records)
+    with_ref = _has_ref_fields(records, paired)
     extra_keys = ref_fields if with_ref else ()
     prepare = _Prepare(records, tokenizer, paired, with_ref, max_length,
-                       max_prompt_length, truncation, on_bad_row, skip_report)
+                       max_prompt_length, truncation)
     examples = tokenized_examples(records, prepare, seed=seed, shuffle=shuffle,
                                   num_epochs=num_epochs, shard_index=shard_index,
-                                  shard_count=shard_count, read_options=read_options)
+                                  shard_count=shard_count, on_bad_row=on_bad_row,
+                                  skip_report=skip_report, check=prepare.check,
+                                  read_options=read_options)
     if packing:
         rows = max(batch_size, 2) if packed_rows is None else packed_rows
         if rows < 2:
@@ -460,7 +483,8 @@ def make_preference_dataset(
 
     Args:
         records: dicts with "prompt", "chosen", "rejected" (e.g. from
-            `load_preference_records`); validated again as they are read.
+            `load_preference_records`); validated again and tokenised once
+            when the dataset is built (see `jalign.data.pipeline`).
         tokenizer: see `TokenizerLike`.
         batch_size: pairs per batch (per process), B.
         max_length: longest sequence (BOS and EOS included); the packed row
@@ -475,9 +499,12 @@ def make_preference_dataset(
             max_length always appended.
         max_prompt_length, truncation: see `tokenize_prompt_completion`.
         shard_index, shard_count: this process's disjoint shard of records.
-        on_bad_row: "raise" a DataError naming the record, or "skip" it.
-        skip_report: counts skipped records as they are read (every epoch, in
-            this process only; not part of the iterator state).
+        on_bad_row: for a record that fails validation or tokenisation (a
+            prompt that fills max_length, a chat template that raises):
+            "raise" a DataError naming it, or "skip" it.
+        skip_report: skipped records are counted in it by reason, once, when
+            the dataset is built (over all records, not only this shard);
+            without one, the count is logged as a warning.
         read_options: grain reader threads; default 2 threads.
 
     Returns:

@@ -3,12 +3,15 @@
 import collections
 import copy
 import itertools
+import json
+import re
 
 import grain
 import numpy as np
 import pytest
 
-from jalign.data import DataError, SkipReport, make_sft_dataset, records_from_dicts
+from jalign.data import (DataError, SkipReport, load_records, make_sft_dataset,
+                         records_from_dicts)
 
 MAX_LENGTH = 32
 BOUNDARIES = (8, 16, MAX_LENGTH)
@@ -171,3 +174,67 @@ def test_prompt_too_long_raises_with_origin_or_is_skipped(tokenizer):
     assert sorted(example_names(batches, tokenizer)) == [f"a{i}" for i in (0, 1, 2, 4, 5)]
     assert report.counts == collections.Counter(prompt_too_long=1)
     assert report.examples[0].startswith("toy[3]: prompt is 41 tokens")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def _chat(role, prompt, completion):
+    return {"prompt": [{"role": role, "content": prompt}],
+            "completion": [{"role": "assistant", "content": completion}]}
+
+
+def test_rows_that_do_not_tokenise_are_counted_once_with_the_file_rows(
+        role_checking_tokenizer, tmp_path):
+    """on_bad_row="skip": tokenisation skips join the file's SkipReport when the dataset
+    is built (not per epoch, not per shard), and the batches hold only the good rows."""
+    tokenizer = role_checking_tokenizer
+    path = _write_jsonl(tmp_path / "sft.jsonl", [
+        {"prompt": "q0", "completion": "a0"},
+        {"prompt": "q1"},                                 # 2: missing completion (file level)
+        {"prompt": "z" * 40, "completion": "a2"},         # 3: prompt fills max_length
+        _chat("user", "q3", "a3"),
+        _chat("wizard", "q4", "a4"),                      # 5: the template raises
+        {"prompt": "q5", "completion": "a5"},
+    ])
+    records, report = load_records(path, required_fields=("prompt", "completion"),
+                                   on_bad_row="skip")
+    assert dict(report.counts) == {"missing_field": 1}
+    shards = [make(tokenizer, records, num_epochs=2, on_bad_row="skip", skip_report=report,
+                   shard_index=i, shard_count=2) for i in range(2)]
+    # Each process counts every record once, whatever its shard.
+    assert dict(report.counts) == {"missing_field": 1, "prompt_too_long": 2,
+                                   "chat_template": 2}
+    single = SkipReport()
+    make(tokenizer, records, on_bad_row="skip", skip_report=single)
+    assert dict(single.counts) == {"prompt_too_long": 1, "chat_template": 1}
+    summary = single.summary()
+    assert summary.startswith("skipped 2 rows (chat_template: 1, prompt_too_long: 1); "
+                              "first examples:")
+    assert f"{path}:3: prompt is 41 tokens (with BOS)" in summary
+    assert f"{path}:5: chat template failed: TemplateError: unknown role wizard" in summary
+
+    names = [example_names(list(shard), tokenizer) for shard in shards]
+    # Reading two epochs counts nothing more.
+    assert report.total == 5
+    # The shards are disjoint, cover the good rows, and see each once per epoch.
+    assert not set(names[0]) & set(names[1])
+    assert sorted(names[0] + names[1]) == sorted(2 * ["a0", "a3\n", "a5"])
+
+
+def test_rows_that_do_not_tokenise_raise_naming_file_and_line(role_checking_tokenizer,
+                                                              tmp_path):
+    tokenizer = role_checking_tokenizer
+    long_prompt = _write_jsonl(tmp_path / "long.jsonl", [
+        {"prompt": "q0", "completion": "a0"}, {"prompt": "z" * 40, "completion": "a1"}])
+    bad_role = _write_jsonl(tmp_path / "roles.jsonl", [
+        _chat("user", "q0", "a0"), _chat("user", "q1", "a1"), _chat("wizard", "q2", "a2")])
+    for path, message in ((long_prompt, ":2: prompt is 41 tokens"),
+                          (bad_role, ":3: chat template failed: TemplateError: unknown role "
+                                     "wizard")):
+        records, _ = load_records(path, required_fields=("prompt", "completion"))
+        # Raised when the dataset is built, before any batch is read.
+        with pytest.raises(DataError, match=re.escape(path + message)):
+            make(tokenizer, records)

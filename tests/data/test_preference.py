@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 
 import grain
 import numpy as np
@@ -15,6 +16,7 @@ from jalign.data import (
     make_unpaired_dataset,
     preference_records_from_dicts,
     records_from_dicts,
+    tokenizable_preference_records,
     tokenize_preference_pair,
 )
 from jalign.tasks import get_task
@@ -358,3 +360,57 @@ def test_builtin_task_data_validates_and_tokenises(tokenizer):
     n = sum(b["pair_mask"].sum() for b in make_unpaired(tokenizer, unpaired,
                                                          max_length=64, num_epochs=1))
     assert n == 32
+
+
+def _chat_pair(role, i):
+    return {"prompt": [{"role": role, "content": f"q{i}"}],
+            "chosen": [{"role": "assistant", "content": f"C{i}"}],
+            "rejected": [{"role": "assistant", "content": f"R{i}"}]}
+
+
+def test_pairs_that_do_not_tokenise_are_counted_at_setup_or_raise_with_file_line(
+        role_checking_tokenizer, tmp_path):
+    """A run's records are checked once against the tokenizer, in the file's SkipReport;
+    the kept ones are renumbered and every later dataset over them skips nothing."""
+    tokenizer = role_checking_tokenizer
+    rows = pair_rows(6)
+    rows[1] = {**rows[1], "prompt": "x" * 40}      # line 2: prompt fills max_length
+    rows[2] = {**rows[2], "rejected": rows[2]["chosen"]}  # line 3: file-level skip
+    rows[4] = _chat_pair("wizard", 4)             # line 5: the template raises
+    rows[5] = _chat_pair("user", 5)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    records, report = load_preference_records(str(path), on_bad_row="skip")
+    kept = tokenizable_preference_records(records, tokenizer, max_length=MAX_LENGTH,
+                                          on_bad_row="skip", skip_report=report)
+    assert dict(report.counts) == {"chosen_equals_rejected": 1, "prompt_too_long": 1,
+                                   "chat_template": 1}
+    summary = report.summary()
+    assert summary.startswith("skipped 3 rows (chat_template: 1, chosen_equals_rejected: 1, "
+                              "prompt_too_long: 1); first examples:")
+    assert f"{path}:2: prompt is 41 tokens (with BOS)" in summary
+    assert f"{path}:5: chat template failed: TemplateError: unknown role wizard" in summary
+    assert [r["_origin"] for r in kept] == [f"{path}:{line}" for line in (1, 4, 6)]
+    assert [r["_index"] for r in kept] == [0, 1, 2]
+
+    for packing in (False, True):
+        again = SkipReport()
+        batches = list(make(tokenizer, kept, num_epochs=2, packing=packing,
+                            on_bad_row="skip", skip_report=again))
+        assert again.total == 0
+        seen = sorted(int(i) for b in batches for i in b["example_index"] if i >= 0)
+        assert seen == [0, 0, 1, 1, 2, 2]
+        # Built straight from the loaded records, the dataset drops the same pairs.
+        direct = SkipReport()
+        batches = list(make(tokenizer, records, num_epochs=1, packing=packing,
+                            on_bad_row="skip", skip_report=direct))
+        assert dict(direct.counts) == {"prompt_too_long": 1, "chat_template": 1}
+        seen = sorted(int(i) for b in batches for i in b["example_index"] if i >= 0)
+        assert seen == [records[i]["_index"] for i in (0, 2, 4)]
+
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: prompt is 41 tokens")):
+        tokenizable_preference_records(records, tokenizer, max_length=MAX_LENGTH)
+    with pytest.raises(DataError, match=re.escape(
+            f"{path}:5: chat template failed: TemplateError: unknown role wizard")):
+        make(tokenizer, records, max_length=64)
