@@ -54,9 +54,9 @@ def get_config(arg: str = ""):
                          "valid: 'sft', 'lora', 'qlora', 'test'")
     if variants & {"lora", "qlora"}:
         config.pipeline.dpo.model = ml_collections.ConfigDict({
-            "lora_rank": 8, "lora_alpha": 16.0,
+            "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_base_dtype": "bfloat16",
             "lora_quantization": "nf4" if "qlora" in variants else "none"})
-        config.pipeline.dpo.optimizer.learning_rate = 1e-3  # adapters take a larger step
+        config.pipeline.dpo.optimizer.learning_rate = 1.5e-4  # (full DPO: 1e-4)
     if "sft" in variants:
         config.pipeline.stages = ""
         config.algo = "sft"

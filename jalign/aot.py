@@ -49,13 +49,27 @@ class TopologyUnavailableError(RuntimeError):
     """libtpu's compile-only client cannot be loaded here."""
 
 
+class DoesNotFitError(RuntimeError):
+    """The compiler rejected the step for lack of device memory."""
+
+
 def topology_devices(topology: str) -> list:
     """The devices of a TPU slice, e.g. "v5p:2x4x4", from libtpu (no TPU needed)."""
     from jax.experimental import topologies
     # A compile-only client opens no chip, so it may share libtpu with other processes.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+        try:
+            desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+        except Exception as e:
+            if "chips_per_host_bounds" not in str(e):
+                raise
+            # A slice smaller than one host (e.g. v5e:1x1, Colab's single chip): the
+            # host holds exactly the slice.
+            dims = [int(d) for d in topology.split(":")[1].split("x")]
+            desc = topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                                chips_per_host_bounds=tuple(dims + [1] * (3 - len(dims))))
+        return list(desc.devices)
     except (ImportError, ModuleNotFoundError) as e:
         raise TopologyUnavailableError(
             f"TPU compile-only client unavailable ({e}); install libtpu, e.g. "
@@ -214,7 +228,18 @@ def fit_check(config: ml_collections.ConfigDict, topology: str, *,
                      out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
     start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = p_step.lower(state, batch).compile()
+        lowered = p_step.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            # The TPU compiler itself refuses a program that cannot fit HBM.
+            raise DoesNotFitError(
+                f"the TPU compiler could not fit the step: {str(e).splitlines()[0]} "
+                f"(state per device: params {_size(per_device_bytes(state.params)).strip()}, "
+                f"optimizer {_size(per_device_bytes(state.opt_state)).strip()}, frozen "
+                f"{_size(per_device_bytes(state.frozen) if state.frozen else 0).strip()})") from e
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     state_parts = {"params": per_device_bytes(state.params),
@@ -277,7 +302,7 @@ def format_report(check: FitCheck, config) -> str:
         f"{check.device_kind} ({check.hbm_bytes / GIB:.1f} GiB HBM each)",
         f"mesh {' '.join(f'{k}={v}' for k, v in check.mesh.items())}; batch "
         f"{config.data.batch_size} {unit} x {config.data.max_length} tokens (global); "
-        f"{params} params (param_dtype {model.param_dtype}, dtype {model.dtype}, remat "
+        f"{params} trained params (param_dtype {model.param_dtype}, dtype {model.dtype}, remat "
         f"{model.remat}); compiled in {check.compile_seconds:.1f} s",
         "per-device memory, as XLA plans it:",
         f"  arguments         {_size(check.argument_bytes)}   (params {_size(s['params']).strip()}"
@@ -307,6 +332,9 @@ def main(argv):
     except TopologyUnavailableError as e:
         print(f"jalign.aot: {e}", file=sys.stderr)
         sys.exit(2)
+    except DoesNotFitError as e:
+        print(f"DOES NOT FIT: {e}")
+        sys.exit(1)
     print(format_report(check, f.config))
     if f.json:
         with open(f.json, "w") as out:

@@ -161,7 +161,8 @@ def reward_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup
 def reward_step(config, model_cfg, optimizer, schedule, setup):
     loss_fn = functools.partial(losses.reward_loss,
                                 center_rewards_coefficient=config.reward.center_rewards_coefficient)
-    return make_reward_step(model_cfg, optimizer, loss_fn=loss_fn, schedule=schedule)
+    return make_reward_step(model_cfg, optimizer, loss_fn=loss_fn, schedule=schedule,
+                            grad_accum_steps=config.optimizer.grad_accum_steps)
 
 
 # --------------------------------------------------------------------- DPO family
@@ -244,7 +245,18 @@ def dpo_step(config, model_cfg, optimizer, schedule, setup):
     return make_dpo_step(model_cfg, optimizer, loss_fn=loss_fn, reference=reference,
                          ref_sync_every=config.dpo.ref_sync_every,
                          ref_sync_mixup=config.dpo.ref_sync_mixup, schedule=schedule,
-                         logprob_impl=config.train.logprob_impl)
+                         logprob_impl=config.train.logprob_impl,
+                         grad_accum_steps=_pair_accumulation(config))
+
+
+def _pair_accumulation(config) -> int:
+    steps = int(config.optimizer.grad_accum_steps)
+    batch_coupled = {"aot", "aot_unpaired", "sft"} & set(config.dpo.loss_type.split(","))
+    if steps > 1 and batch_coupled:
+        raise ValueError(f"config.optimizer.grad_accum_steps={steps} with config.dpo.loss_type "
+                         f"{sorted(batch_coupled)}: these losses compare or normalise across the "
+                         "whole batch, so microbatches would change them; use 1")
+    return steps
 
 
 def kto_setup(config, model_cfg, workdir):
@@ -255,5 +267,8 @@ def kto_step(config, model_cfg, optimizer, schedule, setup):
     loss_fn = functools.partial(losses.kto_loss, beta=config.dpo.beta,
                                 desirable_weight=config.dpo.desirable_weight,
                                 undesirable_weight=config.dpo.undesirable_weight)
+    if config.optimizer.grad_accum_steps > 1:
+        raise ValueError("config.optimizer.grad_accum_steps > 1 is not supported for KTO: its "
+                         "reference point z0 is estimated over the whole batch")
     return make_kto_step(model_cfg, optimizer, loss_fn=loss_fn, reference=config.dpo.reference,
                          schedule=schedule, logprob_impl=config.train.logprob_impl)

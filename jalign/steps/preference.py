@@ -55,8 +55,57 @@ def _apply(optimizer, state: TrainState, grads, metrics, schedule, **replace):
                          opt_state=opt_state, **replace), metrics
 
 
+def pair_microbatches(batch: Mapping[str, jax.Array], num: int) -> dict[str, jax.Array]:
+    """A padded pair batch (rows 2i, 2i+1 = pair i) as `num` microbatches of consecutive
+    pairs: every array gains a leading [num] axis; sequence numbers restart per microbatch."""
+    pairs, rows = batch["pair_mask"].shape[0], batch["tokens"].shape[0]
+    if rows != 2 * pairs:
+        raise ValueError("config.optimizer.grad_accum_steps > 1 over preference pairs needs "
+                         "padded batches (config.data.packing=False): a packed row holds "
+                         "segments of several pairs")
+    if pairs % num:
+        raise ValueError(f"{pairs} pairs per batch do not split into "
+                         f"config.optimizer.grad_accum_steps={num} microbatches")
+    micro = {k: v.reshape((num, v.shape[0] // num) + v.shape[1:]) for k, v in batch.items()}
+    offsets = (2 * (pairs // num) * jnp.arange(num))[:, None, None]
+    seq = micro["sequence_index"]
+    micro["sequence_index"] = jnp.where(seq >= 0, seq - offsets, seq)
+    return micro
+
+
+def accumulate_pair_gradients(loss: Callable, params, batch, num: int):
+    """`value_and_grad(loss, has_aux=True)(params, batch)` taken over `num` microbatches.
+
+    `loss(params, batch) -> (mean over the real pairs (pair_mask), metrics)` with
+    per-batch-mean metrics (and "num_tokens", a sum). Pair-weighted accumulation gives
+    the full batch's loss and gradients for every per-pair loss (not for losses that
+    compare pairs across the batch, e.g. loss_type aot).
+    """
+    grad_fn = jax.value_and_grad(lambda p, mb: _weighted(loss, p, mb), has_aux=True)
+    if num == 1:
+        return jax.value_and_grad(loss, has_aux=True)(params, batch)
+    micro = pair_microbatches(batch, num)
+    first = grad_fn(params, jax.tree.map(lambda x: x[0], micro))
+
+    def body(carry, mb):
+        return jax.tree.map(jnp.add, carry, grad_fn(params, mb)), None
+
+    ((value, (metrics, weight)), grads), _ = jax.lax.scan(
+        body, first, jax.tree.map(lambda x: x[1:], micro))
+    weight = jnp.maximum(weight, 1.0)
+    metrics = {k: v if k == "num_tokens" else v / num for k, v in metrics.items()}
+    return (value / weight, metrics), jax.tree.map(lambda g: g / weight, grads)
+
+
+def _weighted(loss, params, batch):
+    value, metrics = loss(params, batch)
+    weight = batch["pair_mask"].sum()
+    return value * weight, (metrics, weight)
+
+
 def make_reward_step(config: ModelConfig, optimizer: optax.GradientTransformation, *,
-                     loss_fn: Callable, schedule: optax.Schedule | None = None) -> Callable:
+                     loss_fn: Callable, schedule: optax.Schedule | None = None,
+                     grad_accum_steps: int = 1) -> Callable:
     """Bradley-Terry reward-model step: `loss_fn(chosen_rewards, rejected_rewards)`.
 
     `loss_fn` is e.g. `functools.partial(jalign.losses.reward_loss,
@@ -73,8 +122,9 @@ def make_reward_step(config: ModelConfig, optimizer: optax.GradientTransformatio
         return _pair_mean(losses, batch["pair_mask"]), dict(metrics, num_tokens=num_tokens)
 
     def step(state: TrainState, batch):
-        (value, metrics), grads = jax.value_and_grad(
-            lambda p, b: loss(model_params(p, state.frozen), b), has_aux=True)(state.params, batch)
+        (value, metrics), grads = accumulate_pair_gradients(
+            lambda p, b: loss(model_params(p, state.frozen), b), state.params, batch,
+            grad_accum_steps)
         return _apply(optimizer, state, grads, dict(metrics, loss=value), schedule)
 
     return step
@@ -83,7 +133,7 @@ def make_reward_step(config: ModelConfig, optimizer: optax.GradientTransformatio
 def make_dpo_step(config: ModelConfig, optimizer: optax.GradientTransformation, *,
                   loss_fn: Callable, reference: str = "params", ref_sync_every: int = 0,
                   ref_sync_mixup: float = 1.0, schedule: optax.Schedule | None = None,
-                  logprob_impl: str = "auto") -> Callable:
+                  logprob_impl: str = "auto", grad_accum_steps: int = 1) -> Callable:
     """DPO-family step: one forward over chosen and rejected, any pairwise loss.
 
     `loss_fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
@@ -98,6 +148,8 @@ def make_dpo_step(config: ModelConfig, optimizer: optax.GradientTransformation, 
       "none"        -- reference-free losses: zeros are passed.
     TR-DPO (Gorbatovski et al. 2024): with `ref_sync_every` = N > 0 the reference
     is replaced every N steps by `mixup * policy + (1 - mixup) * reference`.
+    `grad_accum_steps` > 1 takes the gradient over that many microbatches of pairs
+    (padded batches; see `accumulate_pair_gradients`).
     """
     if reference not in ("params", "precomputed", "none"):
         raise ValueError(f"reference must be 'params', 'precomputed' or 'none', got {reference!r}")
@@ -131,7 +183,8 @@ def make_dpo_step(config: ModelConfig, optimizer: optax.GradientTransformation, 
         return _pair_mean(losses, batch["pair_mask"]), metrics
 
     def step(state: TrainState, batch):
-        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state, batch)
+        (value, metrics), grads = accumulate_pair_gradients(
+            lambda p, b: loss(p, state, b), state.params, batch, grad_accum_steps)
         new_state, metrics = _apply(optimizer, state, grads, dict(metrics, loss=value), schedule)
         if ref_sync_every:
             sync = (new_state.step % ref_sync_every) == 0

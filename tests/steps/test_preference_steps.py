@@ -181,3 +181,30 @@ def test_tr_dpo_syncs_the_reference_every_n_steps():
     want = jax.tree.map(lambda p, r: 0.5 * p + 0.5 * r, s2.params, s1.frozen["reference"])
     chex.assert_trees_all_close(s2.frozen["reference"], want, rtol=1e-6)
     assert not np.allclose(np.asarray(s2.frozen["reference"]["embed"]), np.asarray(ref0["embed"]))
+
+
+@pytest.mark.parametrize("kind", ["dpo", "reward"])
+def test_gradient_accumulation_over_pairs_equals_the_full_batch(kind):
+    opt = optax.sgd(0.5)
+    if kind == "dpo":
+        init = decoder_init_fn(CFG)
+        make = functools.partial(make_dpo_step, CFG, opt,
+                                 loss_fn=functools.partial(losses.dpo_loss, beta=0.1))
+    else:
+        init = scalar_model_init_fn(CFG)
+        make = functools.partial(make_reward_step, CFG, opt, loss_fn=losses.reward_loss)
+    state, _ = init_train_state(init, opt, _mesh(), shd.DEFAULT_RULES, seed=0,
+                                with_reference=kind == "dpo")
+    state = state.replace(params=jax.tree.map(lambda p: p * 1.05, state.params))
+    batch = dict(_batches(1)[0])
+    batch["pair_mask"] = np.asarray(batch["pair_mask"]).copy()
+    batch["pair_mask"][-1] = 0  # a filler pair: weights must follow the real pairs
+    one, m1 = jax.jit(make())(state, batch)
+    four, m4 = jax.jit(make(grad_accum_steps=4))(state, batch)
+    for key in ("loss", "grad_norm", "num_tokens", "rewards/accuracies" if kind == "dpo"
+                else "accuracy"):
+        np.testing.assert_allclose(m4[key], m1[key], rtol=2e-5, err_msg=key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7),
+                 four.params, one.params)
+    with pytest.raises(ValueError, match="padded batches"):
+        jax.jit(make(grad_accum_steps=2))(state, _batches(1, packing=True)[0])
