@@ -2,19 +2,34 @@
 
     pip install torch==2.13.0 transformers      # not jalign dependencies
     python benchmarks/hf_generate_peer.py [--batch 16] [--prompt 64] [--new 128] [--threads 2]
+                                          [--cache dynamic|static]
 
 A random LlamaForCausalLM with jalign's "tiny" preset shape (vocab 128, hidden 128, 2 layers,
 4 heads, 2 KV heads, intermediate 344, tied embeddings, float32), greedy generate with its KV
-cache (use_cache=True), exactly --new tokens per sequence (no EOS). Median of runs after a
-warm-up. Ends with one JSON line.
+cache (use_cache=True; transformers' default DynamicCache, or its StaticCache with
+`--cache static`), exactly --new tokens per sequence (no EOS). Median of --repeats calls
+after a warm-up call. Ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+
+
+def _cpu_snapshot():
+    """(machine busy CPU seconds, this process's CPU seconds); machine part None off Linux."""
+    own = sum(os.times()[:2])
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        busy = None
+    return busy, own
 
 
 def main():
@@ -22,8 +37,9 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default="dynamic", choices=("dynamic", "static"))
     args = parser.parse_args()
 
     import torch
@@ -39,20 +55,31 @@ def main():
     prompt = torch.randint(4, 128, (args.batch, args.prompt))
     kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
                   use_cache=True, pad_token_id=0, eos_token_id=None)
+    if args.cache == "static":
+        kwargs["cache_implementation"] = "static"
     with torch.no_grad():
         out = model.generate(prompt, **kwargs)  # warm-up
         assert out.shape == (args.batch, args.prompt + args.new), out.shape
         times = []
+        snap, w0 = _cpu_snapshot(), time.perf_counter()
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             model.generate(prompt, **kwargs)
             times.append(time.perf_counter() - t0)
+        end, wall = _cpu_snapshot(), time.perf_counter() - w0
+    others = None
+    if snap[0] is not None and end[0] is not None:
+        others = max(0.0, ((end[0] - snap[0]) - (end[1] - snap[1])) / wall)
     step = statistics.median(times)
     result = {"benchmark": "sampler_hf_generate_peer", "batch": args.batch, "prompt": args.prompt,
               "new_tokens": args.new, "tokens_per_s": args.batch * args.new / step,
-              "seconds": step, "torch": torch.__version__, "transformers": transformers.__version__,
-              "threads": args.threads}
-    print(f"transformers generate (KV cache, greedy): {result['tokens_per_s']:,.0f} tok/s")
+              "seconds": step, "best_tokens_per_s": args.batch * args.new / min(times),
+              "cache": args.cache, "other_processes_cores_busy": others,
+              "loadavg_1m": os.getloadavg()[0], "torch": torch.__version__,
+              "transformers": transformers.__version__, "threads": args.threads}
+    print(f"transformers generate (greedy, {args.cache} KV cache): "
+          f"{result['tokens_per_s']:,.0f} tok/s; other processes busy: "
+          f"{others if others is None else round(others, 2)} cores")
     print(json.dumps(result))
 
 

@@ -1,13 +1,14 @@
 """The KV-cache sampler: exact behaviour log-probs, greedy == uncached argmax, filters, stops."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jalign.generate import filter_logits, generate, left_pad
+from jalign.generate import categorical_from_uniform, filter_logits, generate, left_pad
 from jalign.models.config import ModelConfig
-from jalign.models.transformer import Decoder, logits_from_hidden
+from jalign.models.transformer import Decoder, init_cache, logits_from_hidden, unstack_layers
 from jalign.steps.common import shifted_logprobs
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -94,3 +95,46 @@ def test_sampling_on_8_devices_keeps_the_batch_sharded():
     single = generate(jax.device_get(state.params), CFG, np.asarray(prompts), np.asarray(mask),
                       jax.random.PRNGKey(0), max_new_tokens=6, eos_id=2, pad_id=0)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(single.tokens))
+
+
+def test_inverse_cdf_sampling_hits_each_token_in_proportion():
+    probs = np.asarray([0.5, 0.3, 0.15, 0.05, 0.0], np.float32)
+    logits = jnp.where(probs > 0, jnp.log(jnp.maximum(probs, 1e-30)), jnp.finfo(jnp.float32).min)
+    n = 1000
+    u = (np.arange(n, dtype=np.float32) + 1) / n  # an even grid over (0, 1], ends included
+    tokens = np.asarray(categorical_from_uniform(jnp.tile(logits, (n, 1)), jnp.asarray(u)))
+    counts = np.bincount(tokens, minlength=5)
+    np.testing.assert_allclose(counts / n, probs, atol=1.5 / n)
+    assert counts[4] == 0  # a masked token is never drawn
+
+
+def test_sampled_first_tokens_follow_the_policy():
+    # One prompt repeated: the first sampled token of every row is a draw from the same
+    # (tempered) next-token distribution, which a full forward pass gives exactly.
+    rows, temperature = 16384, 0.2
+    prompt, mask = np.tile(PROMPT[:1], (rows, 1)), np.tile(MASK[:1], (rows, 1))
+    out = generate(PARAMS, CFG, prompt, mask, jax.random.PRNGKey(1), max_new_tokens=1, eos_id=2,
+                   pad_id=0, temperature=temperature)
+    positions = np.maximum(np.cumsum(MASK[:1], 1) - 1, 0)
+    hidden = Decoder(CFG).apply({"params": PARAMS}, PROMPT[:1], positions, MASK[:1])
+    logits = logits_from_hidden(hidden[:, -1:], PARAMS, CFG)[0, 0]
+    probs = np.asarray(jax.nn.softmax(logits / temperature))
+    assert 0.2 < probs.max() < 0.5  # spread, yet peaked enough that a shift would show
+    freq = np.bincount(np.asarray(out.tokens)[:, -1], minlength=CFG.vocab_size) / rows
+    assert 0.5 * np.abs(freq - probs).sum() < 0.05  # total variation distance
+    np.testing.assert_allclose(np.exp(np.asarray(out.logps)[:, 0]),
+                               probs[np.asarray(out.tokens)[:, -1]], rtol=1e-4)
+
+
+def test_cached_decoder_reads_stacked_or_unstacked_layers():
+    positions = np.maximum(np.cumsum(MASK, 1) - 1, 0)
+    outs = []
+    for params in (PARAMS, unstack_layers(PARAMS, CFG)):
+        cache = init_cache(CFG, PROMPT.shape[0], PROMPT.shape[1] + 1)
+        hidden, cache = Decoder(CFG).apply({"params": params}, PROMPT, positions, MASK,
+                                           cache=cache, cache_index=0)
+        outs.append((hidden, cache))
+    chex.assert_trees_all_close(outs[0], outs[1])
+    uncached = Decoder(CFG).apply({"params": PARAMS}, PROMPT, positions, MASK)
+    np.testing.assert_allclose(np.asarray(outs[0][0]) * MASK[..., None],
+                               np.asarray(uncached) * MASK[..., None], atol=1e-5)

@@ -129,7 +129,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxH, cos, sin, mask_Bx1x1xTxS, cache=None, cache_index=None):
-        """With `cache` = (k, v) [B, S, nkv, d], the new keys/values are written at
+        """With `cache` = (k, v) [B, nkv, S, d], the new keys/values are written at
         `cache_index` and attention runs over all S cache slots (the mask is then
         [B, 1, 1, T, S]); returns (output, updated cache)."""
         c = self.config
@@ -150,19 +150,30 @@ class Attention(nn.Module):
             q, k = RMSNorm(c, name="q_norm")(q), RMSNorm(c, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
+            # Slots after heads, so both attention products read the cache as it lies.
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cache[0], k.transpose(0, 2, 1, 3).astype(cache[0].dtype), cache_index, 2)
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cache[1], v.transpose(0, 2, 1, 3).astype(cache[1].dtype), cache_index, 2)
             cache = (k, v)
         b, t = q.shape[:2]
         q = q.reshape(b, t, nkv, nq // nkv, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+        kv_axes = "bskd" if cache is None else "bksd"
+        scores = jnp.einsum(f"btkgd,{kv_axes}->bkgts", q, k,
                             preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(c.query_pre_attn_scalar or d)
         if c.attn_logit_softcap is not None:
             scores = c.attn_logit_softcap * jnp.tanh(scores / c.attn_logit_softcap)
         scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nq, d)
+        if cache is None:
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        else:
+            # probs [b, k, g*t, S] @ v [b, k, S, d]: written as the einsum, XLA:CPU picks
+            # a dot over v's non-minor axis that took a third of each decode step.
+            out = jnp.matmul(probs.reshape(b, nkv, -1, probs.shape[-1]), v)
+            out = out.reshape(b, nkv, nq // nkv, t, d).transpose(0, 3, 1, 2, 4)
+        out = out.reshape(b, t, nq, d)
         out = _project(self, "o_proj", "btnd,ndh->bth", out, (nq, d, h),
                        ("q_heads", "head_dim", "embed"))
         return out if cache is None else (out, cache)
@@ -292,19 +303,38 @@ class Decoder(nn.Module):
             x, _ = stack(c, name="layers")(x, (rope_full, rope_local), (mask, mask_sliding),
                                            is_sliding_L)
             return RMSNorm(c, name="final_norm")(x)
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
-                        length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, (k, v) = stack(c, name="layers")(x, (rope_full, rope_local), (mask, mask_sliding),
-                                            is_sliding_L, (cache["k"], cache["v"]), cache_index)
-        return RMSNorm(c, name="final_norm")(x), dict(cache, k=k, v=v)
+        # Cached decoding unrolls the layers over per-layer cache arrays: scanned, each
+        # step copied every layer's cache out of the stacked array and back (XLA:CPU).
+        # The stacked parameters are sliced here, or come pre-split (`unstack_layers`).
+        layers = self.variables["params"]["layers"]
+        new_k, new_v = [], []
+        for i in range(c.num_layers):
+            params_i = (layers[i] if isinstance(layers, (tuple, list))
+                        else jax.tree.map(lambda w: w[i], layers))
+            x, (k, v) = Block(c, parent=None).apply(
+                {"params": params_i}, x, (rope_full, rope_local), (mask, mask_sliding),
+                c.sliding_layers[i], (cache["k"][i], cache["v"][i]), cache_index)
+            new_k.append(k)
+            new_v.append(v)
+        return RMSNorm(c, name="final_norm")(x), dict(cache, k=tuple(new_k), v=tuple(new_v))
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
-    """An empty KV cache for `length` slots: k, v [L, B, S, nkv, d] and valid [B, S]."""
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_size)
-    return {"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype),
-            "valid": jnp.zeros((batch, length), jnp.int32)}
+    """An empty KV cache for `length` slots: per layer k, v [B, nkv, S, d]; valid [B, S]."""
+    shape = (batch, config.num_kv_heads, length, config.head_size)
+    zeros = lambda: tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+    return {"k": zeros(), "v": zeros(), "valid": jnp.zeros((batch, length), jnp.int32)}
+
+
+def unstack_layers(params: Any, config: ModelConfig) -> Any:
+    """`params` with the stacked "layers" split into a tuple of per-layer trees.
+
+    Only cached decoding reads this form; a decode loop splits once, outside the loop,
+    instead of slicing every weight in every step.
+    """
+    layers = params["layers"]
+    return {**params, "layers": tuple(jax.tree.map(lambda w: w[i], layers)
+                                      for i in range(config.num_layers))}
 
 
 def unembedding(params: Any, config: ModelConfig) -> jax.Array:
