@@ -169,7 +169,8 @@ def per_device_bytes(tree) -> int:
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+        # in bits first: 4-bit values (QLoRA's nf4) pack two to a byte on the device
+        total += -(-math.prod(shape) * jax.dtypes.itemsize_bits(leaf.dtype) // 8)
     return total
 
 
