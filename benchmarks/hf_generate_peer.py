@@ -18,18 +18,9 @@ import json
 import os
 import statistics
 import time
+from _machine import cpu_snapshot  # benchmarks/ is on sys.path when run as a script
 
 
-def _cpu_snapshot():
-    """(machine busy CPU seconds, this process's CPU seconds); machine part None off Linux."""
-    own = sum(os.times()[:2])
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        busy = None
-    return busy, own
 
 
 def main():
@@ -61,12 +52,12 @@ def main():
         out = model.generate(prompt, **kwargs)  # warm-up
         assert out.shape == (args.batch, args.prompt + args.new), out.shape
         times = []
-        snap, w0 = _cpu_snapshot(), time.perf_counter()
+        snap, w0 = cpu_snapshot(), time.perf_counter()
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             model.generate(prompt, **kwargs)
             times.append(time.perf_counter() - t0)
-        end, wall = _cpu_snapshot(), time.perf_counter() - w0
+        end, wall = cpu_snapshot(), time.perf_counter() - w0
     others = None
     if snap[0] is not None and end[0] is not None:
         others = max(0.0, ((end[0] - snap[0]) - (end[1] - snap[1])) / wall)

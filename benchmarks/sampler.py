@@ -38,6 +38,7 @@ from jalign import sharding as shd
 from jalign.generate import generate
 from jalign.models.config import PRESETS, ModelConfig
 from jalign.models.transformer import Decoder, logits_from_hidden
+from _machine import cpu_snapshot  # benchmarks/ is on sys.path when run as a script
 
 
 @partial(jax.jit, static_argnames=("config", "max_new_tokens"))
@@ -57,16 +58,6 @@ def generate_without_cache(params, config, prompt, mask, *, max_new_tokens):
     return jax.lax.fori_loop(0, max_new_tokens, body, (tokens, valid))[0]
 
 
-def _cpu_snapshot():
-    """(machine busy CPU seconds, this process's CPU seconds); machine part None off Linux."""
-    own = sum(os.times()[:2])
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        busy = None
-    return busy, own
 
 
 def _others_busy(start, end, wall_s):
@@ -80,12 +71,12 @@ def _time(fn, repeats):
     """Median and min seconds of `fn` after one untimed call, and the others' CPU use."""
     jax.block_until_ready(fn())  # compile
     times = []
-    snap, w0 = _cpu_snapshot(), time.perf_counter()
+    snap, w0 = cpu_snapshot(), time.perf_counter()
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
-    others = _others_busy(snap, _cpu_snapshot(), time.perf_counter() - w0)
+    others = _others_busy(snap, cpu_snapshot(), time.perf_counter() - w0)
     return statistics.median(times), min(times), others
 
 

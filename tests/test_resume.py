@@ -6,7 +6,6 @@ checkpoints hold only the adapters) and online RL, where the sampler's randomnes
 come from the checkpointed state.
 """
 
-import importlib.util
 import json
 import os
 
@@ -15,22 +14,17 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jalign.train import run
+from tests.train_helpers import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(name: str, arg: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def _make(kind: str, num_steps: int):
     if kind in ("grpo", "ppo"):
-        config = _config(f"{kind}_tiny", "test")
+        config = load_config(f"{kind}_tiny", "test")
     else:
-        config = _config("quickstart", "test")
+        config = load_config("quickstart", "test")
         config.pipeline.stages = ""
         config.algo = "dpo" if kind.startswith("dpo") else kind
         if kind == "dpo_lora":

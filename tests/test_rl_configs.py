@@ -1,22 +1,15 @@
 """Each online-RL config's `test` variant runs through jalign.train.run on 8 devices."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 
 from jalign.train import run
+from tests.train_helpers import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name: str, arg: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 @pytest.mark.parametrize("name", ["grpo_tiny", "rloo_tiny", "ppo_tiny", "online_dpo_tiny"])

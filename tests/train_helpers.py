@@ -68,3 +68,12 @@ def load_final_params(workdir, *overrides, config=QUICKSTART_SFT):
     params = checkpoint.load_params(os.path.join(workdir, "final_params"),
                                     models.abstract_params(model_cfg))
     return jax.tree.map(np.asarray, params)
+
+
+def load_config(name: str, arg: str = ""):
+    """configs/NAME.py's get_config(arg), loaded from the repository (not the cwd)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

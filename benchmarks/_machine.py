@@ -1,0 +1,15 @@
+"""How busy the machine is: the benchmarks report it next to their timings."""
+
+import os
+
+
+def cpu_snapshot():
+    """(machine busy CPU seconds, this process's CPU seconds); machine part None off Linux."""
+    own = sum(os.times()[:2])
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        busy = None
+    return busy, own
