@@ -13,7 +13,7 @@ _DTYPES = {
     "bfloat16": jnp.bfloat16,
     "float16": jnp.float16,
 }
-REMAT_POLICIES = ("none", "full", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "offload_dots")
 # The Hugging Face families a config can be exported as (jalign.models.hf); the
 # options below, not the family, decide what the model computes.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")

@@ -231,6 +231,9 @@ class Block(nn.Module):
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The same saved projections, kept in pinned host memory until the backward pass
+    # (device memory for longer sequences, at the price of host transfers).
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
