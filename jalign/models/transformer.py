@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jalign.models.config import ModelConfig
 
 _INIT = nn.initializers.normal(stddev=0.02)
+_DEV = {}  # TEMP dev switches
 
 
 def _param(module: nn.Module, name: str, shape, axes, init=_INIT):
@@ -302,7 +303,8 @@ class Decoder(nn.Module):
         if cache is None:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast, 0),
-                            length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                            length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+                            unroll=c.num_layers if _DEV.get("unroll") else 1)
             x, _ = stack(c, name="layers")(x, (rope_full, rope_local), (mask, mask_sliding),
                                            is_sliding_L)
             return RMSNorm(c, name="final_norm")(x)
