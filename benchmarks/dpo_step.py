@@ -1,13 +1,21 @@
 """DPO train-step throughput of jalign on the issue's benchmark shape.
 
     python benchmarks/dpo_step.py [--preset bench] [--pairs 8] [--prompt 64] [--response 64]
-                                  [--steps 10] [--logprob-impl auto]
+                                  [--steps 10] [--logprob-impl auto] [--remat none]
+                                  [--host_devices 1]
 
 One step = policy forward over chosen + rejected (one [2B, T] pass), reference
 forward (frozen params in the state), policy backward, AdamW update; sigmoid DPO
 loss, beta 0.1, float32. The batch is padded: row 2p is the chosen and row 2p+1
 the rejected sequence of pair p, each `prompt + response` tokens of random ids,
 with the loss on the response tokens only.
+
+`--remat save_dots` sets the model's `remat` option (model.remat in a config):
+the layers' projection outputs are kept for the backward pass; the elementwise
+work and the attention products are recomputed there. `--host_devices 2` splits the CPU into two
+JAX devices and shards the batch over a `data` mesh axis, as `python -m
+jalign.train` does with config.mesh.data = 2 (one CPU device already runs
+independent ops on a second thread, so on 2 cores this gains little here).
 
 Reported (median step time over `--steps` steps after compilation):
   tokens_per_s           -- all chosen + rejected tokens (2B x T) per second;
@@ -90,14 +98,20 @@ def main():
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--learning-rate", type=float, default=1e-6)
     parser.add_argument("--logprob-impl", default="auto", choices=["auto", "xla", "chunked"])
+    parser.add_argument("--remat", default="none", choices=["none", "full", "save_dots"],
+                        help="the model's remat option (recompute in the backward pass)")
+    parser.add_argument("--host_devices", type=int, default=1,
+                        help="JAX CPU devices; > 1 shards the batch over a data mesh axis")
     parser.add_argument("--reference", default="params", choices=["params", "precomputed"],
                         help="params: frozen reference forward every step (TRL's default); "
                              "precomputed: reference log-probs stored with the data")
     args = parser.parse_args()
 
     load_start = os.getloadavg()[0]  # the machine may be shared: note its load
-    cfg = ModelConfig(**PRESETS[args.preset])
-    mesh = shd.make_mesh({"fsdp": -1})
+    if args.host_devices > 1:  # before JAX starts its CPU backend
+        jax.config.update("jax_num_cpu_devices", args.host_devices)
+    cfg = ModelConfig(**PRESETS[args.preset], remat=args.remat)
+    mesh = shd.make_mesh({"data": -1} if args.host_devices > 1 else {"fsdp": -1})
     opt = optax.adamw(args.learning_rate)
     precomputed = args.reference == "precomputed"
     state, shardings = init_train_state(decoder_init_fn(cfg), opt, mesh, shd.DEFAULT_RULES,
@@ -137,6 +151,7 @@ def main():
         "sequences": rows, "seq_len": t, "prompt_len": args.prompt,
         "response_len": args.response, "dtype": cfg.dtype, "loss": "sigmoid", "beta": args.beta,
         "reference_forward": not precomputed, "reference": args.reference, "logprob_impl": args.logprob_impl,
+        "remat": args.remat, "mesh": dict(mesh.shape),
         "step_time_s": step_time, "step_time_min_s": min(times), "step_times_s": times,
         "tokens_per_s": rows * t / step_time,
         "response_tokens_per_s": rows * args.response / step_time,
@@ -147,7 +162,8 @@ def main():
         "threads": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
     }
-    print(f"jalign DPO step {args.preset}: {args.pairs} pairs x {t} tokens "
+    print(f"jalign DPO step {args.preset} (remat {args.remat}, {jax.device_count()} device(s)): "
+          f"{args.pairs} pairs x {t} tokens "
           f"({args.prompt} prompt + {args.response} response): "
           f"median {step_time * 1e3:.1f} ms/step "
           f"= {result['tokens_per_s']:,.0f} tokens/s (chosen+rejected, all tokens), "

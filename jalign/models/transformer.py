@@ -12,6 +12,7 @@ Logical axes used: "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp",
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -22,7 +23,6 @@ import jax.numpy as jnp
 from jalign.models.config import ModelConfig
 
 _INIT = nn.initializers.normal(stddev=0.02)
-_DEV = {}  # TEMP dev switches
 
 
 def _param(module: nn.Module, name: str, shape, axes, init=_INIT):
@@ -32,6 +32,52 @@ def _param(module: nn.Module, name: str, shape, axes, init=_INIT):
 
 # LoRA A starts like a fan-in uniform layer, B at zero, so a fresh adapter is a no-op.
 _LORA_A_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense(equation: str, x, w):
+    """`einsum(equation, x, w)` with a hand-written backward pass.
+
+    For this module's projections, which contract x's trailing axes with w's leading
+    ones. Autodiff's dW = x^T dy made XLA:CPU write dy (e.g. the [tokens, 688] MLP
+    gradients) transposed inside the elementwise backward fusions, about a tenth of
+    the DPO benchmark step; here dW is a plain matmul over a transposed copy of the
+    smaller of x and dy (benchmarks/RESULTS.md, "DPO step").
+    """
+    return jnp.einsum(equation, x, w)
+
+
+def _dense_fwd(equation, x, w):
+    return jnp.einsum(equation, x, w), (x, w)
+
+
+def _dense_bwd(equation, residuals, dy):
+    x, w = residuals
+    n_in = _contracted(equation)
+    x_NxI = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))
+    w_IxO = w.reshape(x_NxI.shape[1], -1)
+    dy_NxO = dy.reshape(x_NxI.shape[0], -1)
+    dx_NxI = jax.lax.dot_general(dy_NxO, w_IxO, (((1,), (1,)), ((), ())))
+    # The barrier keeps the transpose a materialised copy: folded into the dot, XLA
+    # picks the slow layouts again.
+    if w_IxO.shape[0] <= w_IxO.shape[1]:
+        dw_IxO = jnp.dot(jax.lax.optimization_barrier(x_NxI.T), dy_NxO)
+    else:
+        dw_IxO = jnp.dot(jax.lax.optimization_barrier(dy_NxO.T), x_NxI).T
+    return dx_NxI.reshape(x.shape), dw_IxO.reshape(w.shape)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _contracted(equation: str) -> int:
+    """How many of w's leading axes `equation` contracts with x's trailing ones;
+    0 when the equation is not of that form."""
+    inputs, out = equation.split("->")
+    x_sub, w_sub = inputs.split(",")
+    n_in = sum(ch in x_sub for ch in w_sub)
+    ok = n_in and x_sub.endswith(w_sub[:n_in]) and out == x_sub[:-n_in] + w_sub[n_in:]
+    return n_in if ok else 0
 
 
 def _project(module: nn.Module, name: str, equation: str, x, shape, axes):
@@ -48,7 +94,14 @@ def _project(module: nn.Module, name: str, equation: str, x, shape, axes):
     if hasattr(w, "qvalue"):  # quantised frozen base (jalign.lora.quantize_base)
         from jalign.lora import dequantize
         w = dequantize(w)
-    y = jnp.einsum(equation, x, w.astype(dt))
+    w = w.astype(dt)
+    if _contracted(equation):
+        # The hand-written backward is an XLA:CPU layout fix; TPU and GPU keep autodiff's.
+        y = jax.lax.platform_dependent(
+            x, w, cpu=functools.partial(_dense, equation),
+            default=functools.partial(jnp.einsum, equation))
+    else:
+        y = jnp.einsum(equation, x, w)
     if not c.lora_rank or name not in c.lora_targets:
         return y
     a_name, b_name = f"{name}_lora_a", f"{name}_lora_b"
@@ -158,23 +211,26 @@ class Attention(nn.Module):
                 cache[1], v.transpose(0, 2, 1, 3).astype(cache[1].dtype), cache_index, 2)
             cache = (k, v)
         b, t = q.shape[:2]
-        q = q.reshape(b, t, nkv, nq // nkv, d)
-        kv_axes = "bskd" if cache is None else "bksd"
-        scores = jnp.einsum(f"btkgd,{kv_axes}->bkgts", q, k,
-                            preferred_element_type=jnp.float32)
+        g = nq // nkv
+        if cache is None:
+            # Heads before tokens, as in the cache, so both attention products are plain
+            # batched matmuls; over [b, t, heads, d] XLA:CPU copied around each dot.
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            q = q.transpose(0, 2, 1, 3).reshape(b, nkv, g * t, d)
+            scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+            scores = scores.reshape(b, nkv, g, t, -1)
+        else:
+            scores = jnp.einsum("btkgd,bksd->bkgts", q.reshape(b, t, nkv, g, d), k,
+                                preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(c.query_pre_attn_scalar or d)
         if c.attn_logit_softcap is not None:
             scores = c.attn_logit_softcap * jnp.tanh(scores / c.attn_logit_softcap)
         scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        if cache is None:
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        else:
-            # probs [b, k, g*t, S] @ v [b, k, S, d]: written as the einsum, XLA:CPU picks
-            # a dot over v's non-minor axis that took a third of each decode step.
-            out = jnp.matmul(probs.reshape(b, nkv, -1, probs.shape[-1]), v)
-            out = out.reshape(b, nkv, nq // nkv, t, d).transpose(0, 3, 1, 2, 4)
-        out = out.reshape(b, t, nq, d)
+        # probs [b, k, g*t, S] @ v [b, k, S, d]: written as an einsum, XLA:CPU picks
+        # a dot over v's non-minor axis that took a third of each decode step.
+        out = jnp.matmul(probs.reshape(b, nkv, g * t, probs.shape[-1]), v)
+        out = out.reshape(b, nkv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, nq, d)
         out = _project(self, "o_proj", "btnd,ndh->bth", out, (nq, d, h),
                        ("q_heads", "head_dim", "embed"))
         return out if cache is None else (out, cache)
@@ -303,8 +359,7 @@ class Decoder(nn.Module):
         if cache is None:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast, 0),
-                            length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-                            unroll=c.num_layers if _DEV.get("unroll") else 1)
+                            length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(c, name="layers")(x, (rope_full, rope_local), (mask, mask_sliding),
                                            is_sliding_L)
             return RMSNorm(c, name="final_norm")(x)
