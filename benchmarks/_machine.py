@@ -13,3 +13,10 @@ def cpu_snapshot():
     except (OSError, ValueError):
         busy = None
     return busy, own
+
+
+def others_busy(start, end, wall_s: float):
+    """Average number of cores other processes kept busy between two `cpu_snapshot`s."""
+    if start[0] is None or end[0] is None:
+        return None
+    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / wall_s)

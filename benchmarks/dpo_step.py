@@ -46,26 +46,7 @@ from jalign.losses import dpo_loss
 from jalign.models.config import PRESETS, ModelConfig
 from jalign.steps.preference import make_dpo_step, reference_logps_fn
 from jalign.train import decoder_init_fn, init_train_state
-
-
-def _cpu_snapshot():
-    """(machine busy CPU seconds, this process's CPU seconds); machine part is None off Linux."""
-    own = sum(os.times()[:2])
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + fields[4]
-        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        busy = None
-    return busy, own
-
-
-def _others_cpu_share(start, end, wall_s):
-    """Average number of cores kept busy by other processes between two snapshots."""
-    if start[0] is None or end[0] is None:
-        return None
-    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / wall_s)
+from _machine import cpu_snapshot, others_busy  # benchmarks/ is on sys.path when run as a script
 
 
 def synthetic_batch(cfg: ModelConfig, pairs: int, prompt: int, response: int, seed: int = 0):
@@ -133,13 +114,13 @@ def main():
         jax.block_until_ready((state, metrics))
         compile_s = time.perf_counter() - t0
         times = []
-        cpu0, w0 = _cpu_snapshot(), time.perf_counter()
+        cpu0, w0 = cpu_snapshot(), time.perf_counter()
         for _ in range(args.steps):
             t0 = time.perf_counter()
             state, metrics = step(state, batch)
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t0)
-        others = _others_cpu_share(cpu0, _cpu_snapshot(), time.perf_counter() - w0)
+        others = others_busy(cpu0, cpu_snapshot(), time.perf_counter() - w0)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not np.isfinite(metrics["loss"]):
         raise FloatingPointError(f"non-finite DPO loss: {metrics}")

@@ -18,7 +18,7 @@ import json
 import os
 import statistics
 import time
-from _machine import cpu_snapshot  # benchmarks/ is on sys.path when run as a script
+from _machine import cpu_snapshot, others_busy  # benchmarks/ is on sys.path when run as a script
 
 
 
@@ -58,9 +58,7 @@ def main():
             model.generate(prompt, **kwargs)
             times.append(time.perf_counter() - t0)
         end, wall = cpu_snapshot(), time.perf_counter() - w0
-    others = None
-    if snap[0] is not None and end[0] is not None:
-        others = max(0.0, ((end[0] - snap[0]) - (end[1] - snap[1])) / wall)
+    others = others_busy(snap, end, wall)
     step = statistics.median(times)
     result = {"benchmark": "sampler_hf_generate_peer", "batch": args.batch, "prompt": args.prompt,
               "new_tokens": args.new, "tokens_per_s": args.batch * args.new / step,

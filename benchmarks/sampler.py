@@ -38,7 +38,7 @@ from jalign import sharding as shd
 from jalign.generate import generate
 from jalign.models.config import PRESETS, ModelConfig
 from jalign.models.transformer import Decoder, logits_from_hidden
-from _machine import cpu_snapshot  # benchmarks/ is on sys.path when run as a script
+from _machine import cpu_snapshot, others_busy  # benchmarks/ is on sys.path when run as a script
 
 
 @partial(jax.jit, static_argnames=("config", "max_new_tokens"))
@@ -58,15 +58,6 @@ def generate_without_cache(params, config, prompt, mask, *, max_new_tokens):
     return jax.lax.fori_loop(0, max_new_tokens, body, (tokens, valid))[0]
 
 
-
-
-def _others_busy(start, end, wall_s):
-    """Average number of cores other processes kept busy between two snapshots."""
-    if start[0] is None or end[0] is None:
-        return None
-    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / wall_s)
-
-
 def _time(fn, repeats):
     """Median and min seconds of `fn` after one untimed call, and the others' CPU use."""
     jax.block_until_ready(fn())  # compile
@@ -76,7 +67,7 @@ def _time(fn, repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
-    others = _others_busy(snap, cpu_snapshot(), time.perf_counter() - w0)
+    others = others_busy(snap, cpu_snapshot(), time.perf_counter() - w0)
     return statistics.median(times), min(times), others
 
 

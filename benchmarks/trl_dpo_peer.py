@@ -53,26 +53,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-
-def _cpu_snapshot():
-    """(machine busy CPU seconds, this process's CPU seconds); machine part is None off Linux."""
-    own = sum(os.times()[:2])
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + fields[4]
-        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        busy = None
-    return busy, own
-
-
-def _others_cpu_share(start, end, wall_s):
-    """Average number of cores kept busy by other processes between two snapshots."""
-    if start[0] is None or end[0] is None:
-        return None
-    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / wall_s)
+from _machine import cpu_snapshot, others_busy  # benchmarks/ is on sys.path when run as a script
 
 
 def make_tokenizer(vocab_size: int):
@@ -148,7 +129,7 @@ def main():
         def on_step_begin(self, train_args, state, control, **kwargs):
             self.begin = time.perf_counter()
             if state.global_step == args.warmup:  # the first measured step
-                self.cpu0, self.t0 = _cpu_snapshot(), self.begin
+                self.cpu0, self.t0 = cpu_snapshot(), self.begin
 
         def on_step_end(self, train_args, state, control, **kwargs):
             now = time.perf_counter()
@@ -156,7 +137,7 @@ def main():
             if self.last_end is not None:
                 self.wall.append(now - self.last_end)
             self.last_end = now
-            self.cpu1, self.t1 = _cpu_snapshot(), now
+            self.cpu1, self.t1 = cpu_snapshot(), now
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out_dir:
@@ -183,7 +164,7 @@ def main():
                             for m in trainer.model.modules())
         assert not checkpointing, "gradient checkpointing must stay off"
 
-    others = _others_cpu_share(timer.cpu0, timer.cpu1, timer.t1 - timer.t0)
+    others = others_busy(timer.cpu0, timer.cpu1, timer.t1 - timer.t0)
     measured = timer.compute[args.warmup:]
     wall = timer.wall[max(args.warmup - 1, 0):]  # wall[i] ends at step i + 1 (0-based)
     assert len(measured) == args.steps, (len(timer.compute), total_steps)
