@@ -69,7 +69,8 @@ def test_ppo_iteration_sharded_equals_single_device(mesh_shape):
     for key in ("loss", "loss/policy_avg", "loss/value_avg", "objective/entropy",
                 "policy/clipfrac_avg", "val/clipfrac_avg"):
         np.testing.assert_allclose(m1[key], m8[key], rtol=1e-5, err_msg=key)
-    chex.assert_trees_all_close(g1, g8, rtol=1e-5, atol=1e-8)
+    # gradients of size ~1e-4: float32 reduction order across devices moves them by ~1e-8
+    chex.assert_trees_all_close(g1, g8, rtol=1e-5, atol=1e-7)
     assert k1 == pytest.approx(k8) and k1 != 0.05  # the adaptive controller moved
 
 
