@@ -145,11 +145,9 @@ def merge_adapters(params: dict, config: ModelConfig) -> dict:
         w = dequantize(value) if hasattr(value, "qvalue") else value
         a, b = params.get(f"{key}_lora_a"), params.get(f"{key}_lora_b")
         if a is not None:
-            n_in = len(_INPUT_AXES[key])
             # Stacked layers: A [L, in..., r], B [L, r, out...] -> delta [L, in..., out...].
             delta = jax.vmap(lambda a_, b_: jnp.tensordot(a_, b_, axes=1))(
                 a.astype(jnp.float32), b.astype(jnp.float32))
-            assert delta.shape == w.shape, (key, delta.shape, w.shape, n_in)
             w = (w.astype(jnp.float32) + scale * delta).astype(config.weight_dtype)
         else:
             w = w.astype(config.weight_dtype)

@@ -34,6 +34,7 @@ from jalign.models.config import ModelConfig
 from jalign.models.transformer import Decoder
 from jalign.optim import make_optimizer
 from jalign.state import TrainState
+from jalign.steps.common import reference_params
 
 
 def decoder_init_fn(model_cfg: ModelConfig):
@@ -181,7 +182,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
     if setup.prepare is not None:
-        setup.prepare(model_view(state, setup.with_reference).params)  # e.g. a precompute pass over the data with the start params
+        # e.g. a precompute pass over the data with the start params
+        setup.prepare(model_view(state, setup.with_reference).params)
     dataset = setup.dataset(jax.process_index(), jax.process_count())
     data_iter = iter(dataset)
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
@@ -297,11 +299,11 @@ def model_view(state: TrainState, with_reference: bool | str = False) -> TrainSt
     the state itself."""
     if not _is_lora(state):
         return state
-    base = state.frozen["base"]
     frozen = dict(state.frozen)
     if with_reference:
-        frozen["reference"] = base[with_reference] if isinstance(with_reference, str) else base
-    return state.replace(params=lora.merge(base, state.params), frozen=frozen)
+        frozen["reference"] = reference_params(
+            state.frozen, with_reference if isinstance(with_reference, str) else None)
+    return state.replace(params=lora.merge(state.frozen["base"], state.params), frozen=frozen)
 
 
 def _checkpointed(state):
