@@ -379,6 +379,13 @@ class Decoder(nn.Module):
         return RMSNorm(c, name="final_norm")(x), dict(cache, k=tuple(new_k), v=tuple(new_v))
 
 
+def decoder_init_fn(model_cfg: ModelConfig):
+    """rng -> decoder params boxed with their logical axis names."""
+    def init(rng):
+        return Decoder(model_cfg).init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+    return init
+
+
 def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
     """An empty KV cache for `length` slots: per layer k, v [B, nkv, S, d]; valid [B, S]."""
     shape = (batch, config.num_kv_heads, length, config.head_size)
