@@ -10,13 +10,12 @@ from jalign.data.pipeline import (
 )
 from jalign.data.preference import (
     load_preference_records,
-    make_preference_dataset,
-    make_unpaired_dataset,
     preference_records_from_dicts,
     tokenizable_preference_records,
     tokenize_preference_pair,
     validate_preference_record,
 )
+from jalign.data.preference_batches import make_preference_dataset, make_unpaired_dataset
 from jalign.data.sft import (
     PromptTooLongError,
     TokenizerLike,

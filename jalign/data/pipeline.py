@@ -58,8 +58,13 @@ def default_bucket_boundaries(max_length: int, *, smallest: int = 64) -> tuple[i
     return tuple(boundaries) + (max_length,)
 
 
-def _resolve_boundaries(bucket_boundaries: Sequence[int] | None,
-                        max_length: int) -> tuple[int, ...]:
+def resolve_bucket_boundaries(bucket_boundaries: Sequence[int] | None,
+                              max_length: int) -> tuple[int, ...]:
+    """Sorted padded-mode widths ending at `max_length` (default: the powers of two).
+
+    Raises:
+        ValueError: a boundary outside [1, max_length].
+    """
     if bucket_boundaries is None:
         return default_bucket_boundaries(max_length)
     boundaries = sorted(set(int(b) for b in bucket_boundaries))
@@ -366,7 +371,7 @@ def make_sft_dataset(
         return pack_and_batch(examples, batch_size=batch_size,
                               max_length=max_length, pad_id=tokenizer.pad_id,
                               seed=seed, shuffle=shuffle)
-    boundaries = _resolve_boundaries(bucket_boundaries, max_length)
+    boundaries = resolve_bucket_boundaries(bucket_boundaries, max_length)
     return examples.batch(batch_size, batch_fn=functools.partial(
         pad_batch, batch_size=batch_size, boundaries=boundaries,
         pad_id=tokenizer.pad_id))
