@@ -9,6 +9,7 @@ from jalign.data.pipeline import (
     tokenizable_sft_records,
 )
 from jalign.data.preference import (
+    extract_prompt,
     load_preference_records,
     preference_records_from_dicts,
     tokenizable_preference_records,
@@ -37,6 +38,7 @@ __all__ = [
     "TokenizerLike",
     "default_bucket_boundaries",
     "epoch_dataset",
+    "extract_prompt",
     "load_preference_records",
     "load_records",
     "make_preference_dataset",

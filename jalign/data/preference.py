@@ -7,6 +7,20 @@ and "ref_rejected_logps", or "ref_logps" and "ref_kl_logps") are carried into
 the batch. `example_index` in a batch is the record's "_index" if it has one,
 else its position in `records`, so a precompute pass can write log-probs back.
 
+Paired rows come in three forms (docs/data.md has examples):
+  * explicit prompt: {"prompt", "chosen", "rejected"}, three strings;
+  * conversations: the same three fields as message lists, the prompt's
+    turns first and each response's turns after them (usually one assistant
+    turn), rendered by the tokenizer's chat template;
+  * implicit prompt (TRL's format, e.g. Anthropic HH): no "prompt" key;
+    "chosen" and "rejected" are each the whole text or the whole
+    conversation, and the prompt is their longest common prefix
+    (`extract_prompt`). The split happens when the record is validated
+    (`validate_preference_record`, so at loading time), and the record is
+    then the explicit one: nothing later knows which form a row had.
+  A row with a "prompt" key is taken as given. Unpaired rows always need
+  their "prompt".
+
 Batches built from these records: `jalign.data.preference_batches`.
 """
 
@@ -37,24 +51,104 @@ def _type_name(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
+def _identical_error() -> DataError:
+    return DataError("chosen and rejected are identical; a preference pair needs "
+                     "two different responses", reason="chosen_equals_rejected")
+
+
+def extract_prompt(chosen, rejected) -> tuple[Any, Any, Any]:
+    """Splits an implicit-prompt pair into (prompt, chosen, rejected), as TRL does.
+
+    The prompt is the longest common prefix of `chosen` and `rejected`: of
+    their characters (strings) or of their messages (conversations, compared
+    as whole dicts), so a conversation's prompt holds every shared turn,
+    earlier assistant turns included, and the responses are the messages
+    from the first one that differs. Like TRL's `extract_prompt`:
+      * strings: when the character before the first difference is a space,
+        that space starts the responses instead of ending the prompt
+        ("Assistant: yes" / "Assistant: no" -> "Assistant:", " yes", " no");
+        the split is by character, so it can fall inside a word;
+      * when one response is a prefix of the other, the last element (character
+        or message) of the shorter one is left to both responses, so neither
+        is empty.
+    Unlike TRL, a pair with no common prefix (only whitespace, for strings)
+    or with identical responses raises instead of yielding an empty prompt
+    or a pair that teaches nothing.
+
+    Args:
+        chosen, rejected: both strings, or both lists of {"role", "content"}
+            messages (already validated, see `jalign.data.sources`).
+
+    Returns:
+        (prompt, chosen, rejected): strings, or message lists.
+
+    Raises:
+        DataError: without an origin; reason "chosen_equals_rejected",
+            "no_shared_prompt", "empty_field" (a string response that is only
+            whitespace after the prompt) or "wrong_type" (a string and a
+            message list).
+    """
+    conversation = isinstance(chosen, (list, tuple))
+    if conversation != isinstance(rejected, (list, tuple)):
+        raise DataError("with no 'prompt' field, chosen and rejected must both be "
+                        "strings or both be message lists", reason="wrong_type")
+    if chosen == rejected:
+        raise _identical_error()
+    n = min(len(chosen), len(rejected))
+    split = next((i for i in range(n) if chosen[i] != rejected[i]), None)
+    if split is None:  # One extends the other.
+        split = n - 1
+    elif not conversation and split > 0 and chosen[split - 1] == " ":
+        split -= 1
+    prompt = chosen[:split]
+    if not (prompt if conversation else prompt.strip()):
+        what = "first messages differ" if conversation else (
+            "texts share no common prefix" if not prompt else
+            "texts share nothing but whitespace at the start")
+        raise DataError(f"no 'prompt' field, and chosen and rejected cannot supply "
+                        f"one: their {what}; add the prompt as a 'prompt' field",
+                        reason="no_shared_prompt")
+    chosen, rejected = chosen[split:], rejected[split:]
+    if conversation:
+        return list(prompt), list(chosen), list(rejected)
+    for field, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise DataError(f"field '{field}' is only whitespace after the shared "
+                            f"prompt {prompt!r}", reason="empty_field")
+    return prompt, chosen, rejected
+
+
+def _with_implicit_prompt(row: Mapping, origin: str) -> dict:
+    record = validate_record(row, origin, PAIRED_FIELDS[1:])
+    try:
+        prompt, chosen, rejected = extract_prompt(record["chosen"], record["rejected"])
+    except DataError as e:
+        raise DataError(f"{origin}: {e}", reason=e.reason) from None
+    return {"prompt": prompt, **record, "chosen": chosen, "rejected": rejected}
+
+
 def validate_preference_record(row: Any, origin: str, *, paired: bool = True,
                                require_ref: bool = False) -> dict:
     """Checks one paired or unpaired record; returns a new dict ("_origin" set).
 
-    Beyond `validate_record` on the text fields: paired chosen != rejected;
-    unpaired "label" is a bool or 0/1 (returned as bool); reference log-prob
-    fields, if any is present (or `require_ref`), are all present and finite
-    numbers (returned as float).
+    Beyond `validate_record` on the text fields: a paired row without a
+    "prompt" key gets one from `extract_prompt` (TRL's implicit prompt; a
+    "prompt" that is present, even null, is never replaced); paired chosen !=
+    rejected; unpaired "label" is a bool or 0/1 (returned as bool); reference
+    log-prob fields, if any is present (or `require_ref`), are all present
+    and finite numbers (returned as float).
 
     Raises:
         DataError: naming `origin` and the field; reasons as in `sources`, plus
-            "chosen_equals_rejected".
+            "chosen_equals_rejected" and "no_shared_prompt".
     """
-    text_fields = PAIRED_FIELDS if paired else UNPAIRED_FIELDS[:2]
-    record = validate_record(row, origin, text_fields)
+    if paired and isinstance(row, Mapping) and "prompt" not in row:
+        record = _with_implicit_prompt(row, origin)
+    else:
+        record = validate_record(row, origin,
+                                 PAIRED_FIELDS if paired else UNPAIRED_FIELDS[:2])
     if paired and record["chosen"] == record["rejected"]:
-        raise DataError(f"{origin}: chosen and rejected are identical; a preference "
-                        "pair needs two different responses",
+        raise DataError(f"{origin}: {_identical_error()}",
                         reason="chosen_equals_rejected")
     if not paired:
         label = record.get("label")
@@ -111,7 +205,7 @@ def preference_records_from_dicts(rows: Sequence[Mapping[str, Any]], *,
     Like `records_from_dicts`, plus the checks of `validate_preference_record`;
     each kept record gets "_index", its position in the returned list.
     """
-    fields = PAIRED_FIELDS if paired else UNPAIRED_FIELDS[:2]
+    fields = PAIRED_FIELDS[1:] if paired else UNPAIRED_FIELDS[:2]  # prompt may be implicit
     records, report = records_from_dicts(rows, required_fields=fields,
                                          on_bad_row=on_bad_row, name=name)
     return _finish_records(records, report, paired=paired, on_bad_row=on_bad_row,
@@ -125,7 +219,7 @@ def load_preference_records(path_or_paths, *, paired: bool = True,
     See `preference_records_from_dicts`; "_index" is the position in the
     returned list.
     """
-    fields = PAIRED_FIELDS if paired else UNPAIRED_FIELDS[:2]
+    fields = PAIRED_FIELDS[1:] if paired else UNPAIRED_FIELDS[:2]  # prompt may be implicit
     records, report = load_records(path_or_paths, required_fields=fields,
                                    on_bad_row=on_bad_row)
     return _finish_records(records, report, paired=paired, on_bad_row=on_bad_row,
