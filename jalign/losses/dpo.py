@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -29,31 +31,41 @@ LENGTH_NORMALISED_LOSS_TYPES = ("ipo", "sigmoid_norm")
 _UNWEIGHTABLE_LOSS_TYPES = ("aot", "aot_unpaired")
 
 
+def _f_divergence_parts(logratios_B, f_divergence: str, f_alpha: float):
+    """(s0(u), c): the score f'(e^u) split into a u-dependent part and its constant c."""
+    u = f32(logratios_B)
+    if f_divergence == "forward_kl":
+        return -jnp.exp(jnp.minimum(-u, EXP_CAP)), 1.0
+    if f_divergence == "js_divergence":
+        return jax.nn.log_sigmoid(u), math.log(2.0)
+    if f_divergence == "alpha_divergence" and abs(f_alpha - 1.0) >= 1e-6:
+        scale = 1.0 / (f_alpha - 1.0)
+        return jnp.exp(jnp.minimum((f_alpha - 1.0) * u, EXP_CAP)) * scale, -scale
+    return u, 0.0
+
+
 def f_divergence_scores(logratios_B, *, f_divergence: str = "reverse_kl",
                         f_alpha: float = 0.5) -> jax.Array:
-    """The f-DPO score s(u) of a policy/reference log-ratio u (TRL's conventions).
+    """The f-DPO score s(u) = f'(pi/pi_ref) of a policy/reference log-ratio u (TRL 1.16).
 
     Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization
     with Diverse Divergence Constraints" (arXiv:2309.16240): DPO's log-ratio becomes
-    f'(pi/pi_ref). Constants of f' are dropped, as TRL does:
+    f'(pi/pi_ref), constants included, as TRL 1.16 computes it:
 
         reverse_kl        s(u) = u
-        forward_kl        s(u) = -exp(-u)
-        js_divergence     s(u) = log sigmoid(u)
-        alpha_divergence  s(u) = exp((a - 1) u) / (a - 1),   a = f_alpha (a = 1: reverse_kl)
+        forward_kl        s(u) = 1 - exp(-u)
+        js_divergence     s(u) = log 2 + log sigmoid(u)
+        alpha_divergence  s(u) = (exp((a - 1) u) - 1) / (a - 1),   a = f_alpha (a = 1: reverse_kl)
 
+    The constants cancel in D = s(u_c) - s(u_r), so `dpo_loss` leaves them out there
+    (no float32 round-off from adding then subtracting them); they do not cancel in the
+    length-normalised s(u_c)/L_c - s(u_r)/L_r of ipo and sigmoid_norm, which keep them.
     Exponents are capped at 80 so that the score stays finite in float32 (TRL caps the
     alpha-divergence exponent the same way).
     """
     check_choice("f_divergence", f_divergence, F_DIVERGENCES)
-    u = f32(logratios_B)
-    if f_divergence == "forward_kl":
-        return -jnp.exp(jnp.minimum(-u, EXP_CAP))
-    if f_divergence == "js_divergence":
-        return jax.nn.log_sigmoid(u)
-    if f_divergence == "alpha_divergence" and abs(f_alpha - 1.0) >= 1e-6:
-        return jnp.exp(jnp.minimum((f_alpha - 1.0) * u, EXP_CAP)) / (f_alpha - 1.0)
-    return u
+    s0, constant = _f_divergence_parts(logratios_B, f_divergence, f_alpha)
+    return s0 + constant
 
 
 class _Pair(NamedTuple):
@@ -63,8 +75,9 @@ class _Pair(NamedTuple):
     ref_r: jax.Array
     u_c: jax.Array
     u_r: jax.Array
-    s_c: jax.Array
+    s_c: jax.Array  # scores without their constant (it cancels in s_c - s_r)
     s_r: jax.Array
+    s_constant: float  # the f-divergence's additive constant, for length-normalised losses
     len_c: jax.Array | None
     len_r: jax.Array | None
     nll: jax.Array | None
@@ -72,6 +85,11 @@ class _Pair(NamedTuple):
 
 def _smoothed_sigmoid(z, eps):
     return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+
+
+def _normalised_delta(p: _Pair):
+    """s(u_c)/L_c - s(u_r)/L_r with the full scores: the constant c adds c (1/L_c - 1/L_r)."""
+    return (p.s_c + p.s_constant) / p.len_c - (p.s_r + p.s_constant) / p.len_r
 
 
 def _per_pair_loss(name: str, p: _Pair, *, beta: float, eps: float, discopop_tau: float):
@@ -82,10 +100,9 @@ def _per_pair_loss(name: str, p: _Pair, *, beta: float, eps: float, discopop_tau
         return jax.nn.relu(1.0 - z)
     if name == "ipo":
         # TRL normalises IPO by length (agreed with the IPO authors); Eq. 17 of the paper.
-        delta = p.s_c / p.len_c - p.s_r / p.len_r
-        return (delta - 1.0 / (2.0 * beta)) ** 2
+        return (_normalised_delta(p) - 1.0 / (2.0 * beta)) ** 2
     if name == "sigmoid_norm":
-        return -jax.nn.log_sigmoid(beta * (p.s_c / p.len_c - p.s_r / p.len_r))
+        return -jax.nn.log_sigmoid(beta * _normalised_delta(p))
     if name == "exo_pair":
         return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps))
                 + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - jnp.log(eps)))
@@ -248,11 +265,11 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     logps_c, logps_r = f32(chosen_logps), f32(rejected_logps)
     ref_c, ref_r = f32(ref_chosen_logps), f32(ref_rejected_logps)
     u_c, u_r = logps_c - ref_c, logps_r - ref_r
-    s_c = f_divergence_scores(u_c, f_divergence=f_divergence, f_alpha=f_alpha)
-    s_r = f_divergence_scores(u_r, f_divergence=f_divergence, f_alpha=f_alpha)
+    s_c, s_constant = _f_divergence_parts(u_c, f_divergence, f_alpha)
+    s_r, _ = _f_divergence_parts(u_r, f_divergence, f_alpha)
     pair = _Pair(
         logps_c=logps_c, logps_r=logps_r, ref_c=ref_c, ref_r=ref_r, u_c=u_c, u_r=u_r,
-        s_c=s_c, s_r=s_r,
+        s_c=s_c, s_r=s_r, s_constant=s_constant,
         len_c=None if chosen_lengths is None else safe_lengths(chosen_lengths),
         len_r=None if rejected_lengths is None else safe_lengths(rejected_lengths),
         nll=(resolve_chosen_nll(logps_c, chosen_lengths, chosen_nll, who="loss_type 'sft'")

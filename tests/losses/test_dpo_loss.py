@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jalign.losses import (F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES, dpo_loss)
+from jalign.losses import F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES, dpo_loss, f_divergence_scores
 
 # ---------------------------------------------------------------- NumPy side
 
@@ -41,13 +41,14 @@ def sig(x):
 
 
 def score(u, f_divergence, a):
+    """f'(e^u) with its constants, as TRL 1.16's DPOTrainer computes the scores."""
     if f_divergence == "reverse_kl":
         return u
     if f_divergence == "forward_kl":
-        return -np.exp(-u)
+        return 1.0 - np.exp(-u)
     if f_divergence == "js_divergence":
-        return ls(u)
-    return np.exp((a - 1.0) * u) / (a - 1.0)
+        return np.log(2.0) + ls(u)
+    return (np.exp((a - 1.0) * u) - 1.0) / (a - 1.0)
 
 
 def np_dpo(name, x, *, beta=0.1, eps=0.0, f_divergence="reverse_kl", a=0.5, tau=0.05):
@@ -173,6 +174,69 @@ class DpoLossVsNumpyTest(chex.TestCase):
         losses, _ = fn(**{k: v for k, v in jx.items() if "lengths" not in k}, chosen_nll=nll)
         np.testing.assert_allclose(losses, np_dpo("sigmoid", npx) + np.arange(8.0) / 4,
                                    rtol=1e-5, atol=1e-5)
+
+
+def score_slope(u, f_divergence, a):
+    """ds/du of `score`: the constants drop out here, but not from the loss's value."""
+    if f_divergence == "reverse_kl":
+        return np.ones_like(u)
+    if f_divergence == "forward_kl":
+        return np.exp(-u)
+    if f_divergence == "js_divergence":
+        return sig(-u)
+    return np.exp((a - 1.0) * u)
+
+
+@pytest.mark.parametrize("f_divergence, f_alpha", [
+    ("reverse_kl", 0.5), ("forward_kl", 0.5), ("js_divergence", 0.5),
+    ("alpha_divergence", 0.5), ("alpha_divergence", 0.25)])
+@pytest.mark.parametrize("loss_type", ("ipo", "sigmoid_norm"))
+def test_length_normalised_f_divergence_keeps_constants(loss_type, f_divergence, f_alpha):
+    # TRL 1.16 divides the full scores f'(e^u) by their lengths: with L_c != L_r a constant
+    # c of f' adds c (1/L_c - 1/L_r) to the normalised margin. Value and gradient against
+    # a float64 transcription with the constants kept.
+    beta = 0.3
+    jx, npx = make_batch(11, jnp.float32, spread=1.0)
+    lc = np.maximum(npx["chosen_lengths"], 1.0)
+    lr = np.maximum(npx["rejected_lengths"], 1.0)
+    assert np.all(lc != lr)
+    uc = npx["chosen_logps"] - npx["ref_chosen_logps"]
+    ur = npx["rejected_logps"] - npx["ref_rejected_logps"]
+    delta = score(uc, f_divergence, f_alpha) / lc - score(ur, f_divergence, f_alpha) / lr
+    if loss_type == "ipo":
+        expected = (delta - 1.0 / (2.0 * beta)) ** 2
+        dloss_ddelta = 2.0 * (delta - 1.0 / (2.0 * beta))
+    else:
+        expected = -ls(beta * delta)
+        dloss_ddelta = -beta * sig(-beta * delta)
+    # d(mean loss)/d logp_c = dloss/ddelta * s'(u_c) / L_c / B, and minus that for rejected.
+    n = len(uc)
+    expected_g_c = dloss_ddelta * score_slope(uc, f_divergence, f_alpha) / lc / n
+    expected_g_r = -dloss_ddelta * score_slope(ur, f_divergence, f_alpha) / lr / n
+
+    def mean_loss(c, r):
+        losses, _ = dpo_loss(c, r, jx["ref_chosen_logps"], jx["ref_rejected_logps"],
+                             loss_type=loss_type, beta=beta, f_divergence=f_divergence,
+                             f_alpha=f_alpha, chosen_lengths=jx["chosen_lengths"],
+                             rejected_lengths=jx["rejected_lengths"])
+        return losses.mean(), losses
+
+    (_, losses), (g_c, g_r) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(
+        jx["chosen_logps"], jx["rejected_logps"])
+    np.testing.assert_allclose(losses, expected, **TOL["float32"])
+    np.testing.assert_allclose(g_c, expected_g_c, **TOL["float32"])
+    np.testing.assert_allclose(g_r, expected_g_r, **TOL["float32"])
+
+
+def test_f_divergence_scores_are_trl_scores():
+    u = jnp.array([-2.0, -0.3, 0.0, 0.7, 3.0])
+    un = np.asarray(u, np.float64)
+    for f_divergence, f_alpha in [("reverse_kl", 0.5), ("forward_kl", 0.5),
+                                  ("js_divergence", 0.5), ("alpha_divergence", 0.5),
+                                  ("alpha_divergence", 0.25)]:
+        np.testing.assert_allclose(
+            f_divergence_scores(u, f_divergence=f_divergence, f_alpha=f_alpha),
+            score(un, f_divergence, f_alpha), rtol=1e-6, atol=1e-6, err_msg=f_divergence)
 
 
 # ---------------------------------------------------------------- invariants
