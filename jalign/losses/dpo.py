@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from jalign.losses._common import (EXP_CAP, as_name_tuple, check_choice, f32,
-                                   preference_metrics, resolve_chosen_nll, safe_lengths)
+                                   preference_metrics, real_rows, resolve_chosen_nll,
+                                   safe_lengths)
 from jalign.losses.tokens import masked_mean, sequence_lengths
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
@@ -81,6 +82,7 @@ class _Pair(NamedTuple):
     len_c: jax.Array | None
     len_r: jax.Array | None
     nll: jax.Array | None
+    mask: jax.Array | None
 
 
 def _smoothed_sigmoid(z, eps):
@@ -90,6 +92,23 @@ def _smoothed_sigmoid(z, eps):
 def _normalised_delta(p: _Pair):
     """s(u_c)/L_c - s(u_r)/L_r with the full scores: the constant c adds c (1/L_c - 1/L_r)."""
     return (p.s_c + p.s_constant) / p.len_c - (p.s_r + p.s_constant) / p.len_r
+
+
+def _sorted_gap(a_B, b_B, mask_B):
+    """AOT's quantile matching: the k-th smallest a minus the k-th smallest b.
+
+    With a mask, real rows are matched among themselves and filler rows among
+    themselves (two-key sort, real first), and the gap of rank k is stored at the row of
+    the k-th real a. The real rows thus hold exactly the gaps of the real-only batch (in
+    another order; the batch mean does not see the order) and filler rows hold filler.
+    """
+    if mask_B is None:
+        return jnp.sort(a_B) - jnp.sort(b_B)
+    filler_B = jnp.logical_not(mask_B)
+    order_a = jnp.lexsort((a_B, filler_B))
+    order_b = jnp.lexsort((b_B, filler_B))
+    gap_sorted = a_B[order_a] - b_B[order_b]
+    return jnp.zeros_like(gap_sorted).at[order_a].set(gap_sorted)
 
 
 def _per_pair_loss(name: str, p: _Pair, *, beta: float, eps: float, discopop_tau: float):
@@ -118,10 +137,10 @@ def _per_pair_loss(name: str, p: _Pair, *, beta: float, eps: float, discopop_tau
     if name == "sppo_hard":
         return (p.u_c - 0.5 / beta) ** 2 + (p.u_r + 0.5 / beta) ** 2
     if name == "aot":
-        d = jnp.sort(p.logps_c - p.logps_r) - jnp.sort(p.ref_c - p.ref_r)
+        d = _sorted_gap(p.logps_c - p.logps_r, p.ref_c - p.ref_r, p.mask)
         return _smoothed_sigmoid(beta * d, eps)
     if name == "aot_unpaired":
-        d = jnp.sort(p.u_c) - jnp.sort(p.u_r)
+        d = _sorted_gap(p.u_c, p.u_r, p.mask)
         return _smoothed_sigmoid(beta * d, eps)
     if name == "apo_zero":
         return jax.nn.sigmoid(-beta * p.u_c) + jax.nn.sigmoid(beta * p.u_r)
@@ -194,7 +213,8 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
              chosen_lengths=None,
              rejected_lengths=None,
              chosen_nll=None,
-             weights=None):
+             weights=None,
+             mask=None):
     """Direct Preference Optimization and the TRL (1.16) family of pairwise losses.
 
     Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is
@@ -246,12 +266,19 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
             LD-DPO-scaled chosen_logps pass chosen_nll explicitly.)
         weights: optional per-pair weights [B] (e.g. `wpo_weights`), multiplied into every
             loss term, with no gradient. Not allowed with aot/aot_unpaired.
+        mask: optional [B] bool or 0/1 float, true for the real pairs of a padded or
+            packed batch (None: all real). Metrics are means over the real pairs; the
+            sft term's batch token mean counts real pairs only; aot / aot_unpaired sort
+            the real pairs among themselves (see `_sorted_gap`; the loss of rank k sits
+            on a real row, not necessarily the pair that produced it). Per-pair losses
+            are returned for every row, filler included: the caller masks them
+            (e.g. sum(losses * mask) / sum(mask)).
 
     Returns:
         (losses_B, metrics): float32 per-pair losses (the batch loss is their mean) and
         TRL's metrics rewards/chosen, rewards/rejected, rewards/accuracies,
-        rewards/margins, logps/chosen, logps/rejected (float32 batch means; rewards are
-        beta * u, whatever the loss type).
+        rewards/margins, logps/chosen, logps/rejected (float32 means over the real
+        pairs; rewards are beta * u, whatever the loss type).
 
     Raises:
         ValueError: unknown names, mismatched weights, exo_pair with label_smoothing 0,
@@ -272,8 +299,10 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
         s_c=s_c, s_r=s_r, s_constant=s_constant,
         len_c=None if chosen_lengths is None else safe_lengths(chosen_lengths),
         len_r=None if rejected_lengths is None else safe_lengths(rejected_lengths),
-        nll=(resolve_chosen_nll(logps_c, chosen_lengths, chosen_nll, who="loss_type 'sft'")
-             if "sft" in loss_types else None))
+        nll=(resolve_chosen_nll(logps_c, chosen_lengths, chosen_nll, who="loss_type 'sft'",
+                                mask=mask)
+             if "sft" in loss_types else None),
+        mask=None if mask is None else real_rows(mask, u_c.shape))
 
     losses_B = jnp.zeros_like(u_c)
     for name, loss_weight in zip(loss_types, loss_weights):
@@ -281,13 +310,13 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
             name, pair, beta=beta, eps=label_smoothing, discopop_tau=discopop_tau)
     if weights is not None:
         losses_B = losses_B * jax.lax.stop_gradient(f32(weights))
-    metrics = preference_metrics(beta * u_c, beta * u_r, logps_c, logps_r)
+    metrics = preference_metrics(beta * u_c, beta * u_r, logps_c, logps_r, mask=mask)
     return losses_B, metrics
 
 
 def rdpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
               chosen_lengths, rejected_lengths, beta: float = 0.1, alpha: float = 0.0,
-              weights=None):
+              weights=None, mask=None):
     """Length-regularised DPO (R-DPO).
 
     Park et al. 2024, "Disentangling Length from Quality in Direct Preference
@@ -307,6 +336,8 @@ def rdpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
         beta: DPO inverse temperature.
         alpha: length-penalty coefficient (the paper sweeps about 0.005 to 0.05).
         weights: optional per-pair weights [B], no gradient.
+        mask: optional [B] bool or 0/1 float, true for real pairs (None: all real); the
+            metrics are means over the real pairs. Losses are returned for every row.
 
     Returns:
         (losses_B, metrics) with `dpo_loss`'s metric names.
@@ -318,7 +349,7 @@ def rdpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
     losses_B = -jax.nn.log_sigmoid(beta * (u_c - u_r) + alpha * length_gap)
     if weights is not None:
         losses_B = losses_B * jax.lax.stop_gradient(f32(weights))
-    return losses_B, preference_metrics(beta * u_c, beta * u_r, logps_c, logps_r)
+    return losses_B, preference_metrics(beta * u_c, beta * u_r, logps_c, logps_r, mask=mask)
 
 
 def log_sum_squared_probs(logits_BxTxV) -> jax.Array:

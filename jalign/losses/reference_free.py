@@ -34,7 +34,8 @@ def cpo_loss(chosen_logps, rejected_logps, *,
              alphapo_alpha: float = 0.0,
              chosen_lengths=None,
              rejected_lengths=None,
-             chosen_nll=None):
+             chosen_nll=None,
+             mask=None):
     """Contrastive Preference Optimization, with SimPO and AlphaPO as options (TRL's CPOTrainer).
 
     Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM
@@ -66,6 +67,10 @@ def cpo_loss(chosen_logps, rejected_logps, *,
             simpo, and by the NLL term when `chosen_nll` is not given.
         chosen_nll: optional per-example NLL [B]; default is TRL's token mean over all
             chosen tokens of the batch, -sum(chosen_logps) / sum(chosen_lengths).
+        mask: optional [B] bool or 0/1 float, true for the real pairs of a padded or
+            packed batch (None: all real). Metrics are means over the real pairs and the
+            batch token-mean NLL counts real pairs only; losses are returned for every
+            row (the caller masks them).
 
     Returns:
         (losses_B, metrics): metrics as `dpo_loss` (rewards are beta * l, after any
@@ -101,15 +106,16 @@ def cpo_loss(chosen_logps, rejected_logps, *,
     nll_B = jnp.zeros_like(losses_B)
     if cpo_alpha != 0.0:
         nll_B = resolve_chosen_nll(logps_c, chosen_lengths, chosen_nll,
-                                   who=f"cpo_loss with cpo_alpha={cpo_alpha}")
+                                   who=f"cpo_loss with cpo_alpha={cpo_alpha}", mask=mask)
         losses_B = losses_B + cpo_alpha * nll_B
-    metrics = preference_metrics(beta * r_c, beta * r_r, l_c, l_r)
-    metrics["nll_loss"] = batch_mean(nll_B)
+    metrics = preference_metrics(beta * r_c, beta * r_r, l_c, l_r, mask=mask)
+    metrics["nll_loss"] = batch_mean(nll_B, mask)
     return losses_B, metrics
 
 
 def simpo_loss(chosen_logps, rejected_logps, *, chosen_lengths, rejected_lengths,
-               beta: float = 2.5, gamma: float = 1.375, label_smoothing: float = 0.0):
+               beta: float = 2.5, gamma: float = 1.375, label_smoothing: float = 0.0,
+               mask=None):
     """SimPO: reference-free, length-normalised, with a target reward margin.
 
     Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free
@@ -118,12 +124,13 @@ def simpo_loss(chosen_logps, rejected_logps, *, chosen_lengths, rejected_lengths
         loss = -log sigmoid(beta/L_c log pi(y_c) - beta/L_r log pi(y_r) - gamma).
 
     Defaults are the paper's Llama-3-Instruct setting (beta 2.5, gamma/beta 0.55).
-    Same as `cpo_loss(..., loss_type="simpo", cpo_alpha=0)`.
+    Same as `cpo_loss(..., loss_type="simpo", cpo_alpha=0)`; `mask` ([B], true for real
+    pairs) makes the metrics means over the real pairs, as there.
     """
     losses_B, metrics = cpo_loss(chosen_logps, rejected_logps, loss_type="simpo", beta=beta,
                                  simpo_gamma=gamma, label_smoothing=label_smoothing,
                                  cpo_alpha=0.0, chosen_lengths=chosen_lengths,
-                                 rejected_lengths=rejected_lengths)
+                                 rejected_lengths=rejected_lengths, mask=mask)
     del metrics["nll_loss"]
     return losses_B, metrics
 
@@ -135,7 +142,7 @@ def _log1mexp(x):
 
 
 def orpo_loss(chosen_logps, rejected_logps, *, chosen_lengths, rejected_lengths,
-              beta: float = 0.1, chosen_nll=None):
+              beta: float = 0.1, chosen_nll=None, mask=None):
     """Odds-Ratio Preference Optimization.
 
     Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
@@ -150,6 +157,9 @@ def orpo_loss(chosen_logps, rejected_logps, *, chosen_lengths, rejected_lengths,
         beta: weight of the odds-ratio term (TRL default 0.1).
         chosen_nll: optional per-example NLL [B]; default is TRL's batch token-mean NLL
             of the chosen completions.
+        mask: optional [B] bool or 0/1 float, true for the real pairs (None: all real).
+            Metrics are means over the real pairs and the batch token-mean NLL counts
+            real pairs only; losses are returned for every row (the caller masks them).
 
     Returns:
         (losses_B, metrics): `dpo_loss`'s metric names (rewards beta * l, logps the
@@ -161,10 +171,10 @@ def orpo_loss(chosen_logps, rejected_logps, *, chosen_lengths, rejected_lengths,
     l_r = logps_r / safe_lengths(rejected_lengths)
     log_odds_B = (l_c - l_r) - (_log1mexp(l_c) - _log1mexp(l_r))
     ratio_B = jax.nn.log_sigmoid(log_odds_B)
-    nll_B = resolve_chosen_nll(logps_c, chosen_lengths, chosen_nll, who="orpo_loss")
+    nll_B = resolve_chosen_nll(logps_c, chosen_lengths, chosen_nll, who="orpo_loss", mask=mask)
     losses_B = nll_B - beta * ratio_B
-    metrics = preference_metrics(beta * l_c, beta * l_r, l_c, l_r)
-    metrics["nll_loss"] = batch_mean(nll_B)
-    metrics["log_odds_ratio"] = batch_mean(ratio_B)
-    metrics["log_odds_chosen"] = batch_mean(log_odds_B)
+    metrics = preference_metrics(beta * l_c, beta * l_r, l_c, l_r, mask=mask)
+    metrics["nll_loss"] = batch_mean(nll_B, mask)
+    metrics["log_odds_ratio"] = batch_mean(ratio_B, mask)
+    metrics["log_odds_chosen"] = batch_mean(log_odds_B, mask)
     return losses_B, metrics

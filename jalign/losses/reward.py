@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jalign.losses._common import batch_mean, f32
+from jalign.losses._common import batch_mean, f32, real_rows
 
 
 def reward_loss(chosen_rewards, rejected_rewards, *, margin=None,
-                center_rewards_coefficient: float = 0.0):
+                center_rewards_coefficient: float = 0.0, mask=None):
     """Pairwise Bradley-Terry loss of a scalar reward model (TRL's RewardTrainer).
 
     Bradley & Terry 1952; Ouyang et al. 2022, "Training language models to follow
@@ -24,6 +24,10 @@ def reward_loss(chosen_rewards, rejected_rewards, *, margin=None,
             non-pad token).
         margin: optional per-pair margin m [B] (0 when None).
         center_rewards_coefficient: c; TRL's example value is 0.01.
+        mask: optional [B] bool or 0/1 float, true for the real pairs of a padded batch
+            (None: all real). Every metric (min and max included) is taken over the real
+            pairs only (0 when there are none); losses are returned for every row (the
+            caller masks them).
 
     Returns:
         (losses_B, metrics): per-pair losses (batch loss = their mean; equals TRL's
@@ -40,13 +44,21 @@ def reward_loss(chosen_rewards, rejected_rewards, *, margin=None,
     if center_rewards_coefficient:
         losses_B = losses_B + center_rewards_coefficient * (r_c + r_r) ** 2
     all_rewards = jax.lax.stop_gradient(jnp.concatenate([r_c.ravel(), r_r.ravel()]))
+    if mask is None:
+        all_mask, lowest, highest = None, jnp.min(all_rewards), jnp.max(all_rewards)
+    else:
+        real = real_rows(mask, r_c.shape).ravel()
+        all_mask = jnp.concatenate([real, real])
+        any_real = jnp.any(all_mask)
+        lowest = jnp.where(any_real, jnp.min(jnp.where(all_mask, all_rewards, jnp.inf)), 0.0)
+        highest = jnp.where(any_real, jnp.max(jnp.where(all_mask, all_rewards, -jnp.inf)), 0.0)
     metrics = {
-        "accuracy": batch_mean((r_c > r_r).astype(jnp.float32)),
-        "margin": batch_mean(r_c - r_r),
-        "min_reward": jnp.min(all_rewards),
-        "mean_reward": jnp.mean(all_rewards),
-        "max_reward": jnp.max(all_rewards),
-        "rewards/chosen": batch_mean(r_c),
-        "rewards/rejected": batch_mean(r_r),
+        "accuracy": batch_mean((r_c > r_r).astype(jnp.float32), mask),
+        "margin": batch_mean(r_c - r_r, mask),
+        "min_reward": lowest,
+        "mean_reward": batch_mean(all_rewards, all_mask),
+        "max_reward": highest,
+        "rewards/chosen": batch_mean(r_c, mask),
+        "rewards/rejected": batch_mean(r_r, mask),
     }
     return losses_B, metrics
