@@ -54,7 +54,7 @@ def main():
     logging.set_verbosity(logging.WARNING)
 
     import importlib.util
-    from jalign.train import run
+    from jalign.loop import run
     spec = importlib.util.spec_from_file_location(
         "quickstart", os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py"))
     quickstart = importlib.util.module_from_spec(spec)

@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jalign.steps import decoder_logprob_fn
 from jalign import sharding as shd
 from jalign.models.config import PRESETS, ModelConfig
 from jalign.steps.sft import make_sft_step
-from jalign.train import decoder_init_fn, init_train_state
+from jalign.models import decoder_init_fn
+from jalign.state import init_train_state
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -59,7 +61,7 @@ def main():
     opt = optax.adamw(1e-4)
     state, shardings = init_train_state(decoder_init_fn(cfg), opt, mesh, shd.DEFAULT_RULES, seed=0)
     data_sharding = shd.data_sharding(mesh, shd.DEFAULT_RULES)
-    step = jax.jit(make_sft_step(cfg, opt), in_shardings=(shardings, data_sharding),
+    step = jax.jit(make_sft_step(decoder_logprob_fn(cfg, with_stats=True), opt), in_shardings=(shardings, data_sharding),
                    out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,))
     rng = np.random.default_rng(0)
     b, t = args.batch, args.seq

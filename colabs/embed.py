@@ -4,7 +4,7 @@
 # jalign's pieces are plain functions. Here a user's *own* Flax model and *own*
 # training loop use `jalign.ops.token_logprobs` (hidden states -> token log-probs
 # without building the logits) and `jalign.losses.dpo_loss`; then a jalign step
-# factory is used inside the same hand-written loop, without jalign's trainer.
+# factory trains the same model through a log-prob function, without jalign's trainer.
 
 # %%
 import os
@@ -95,30 +95,37 @@ print(f"own model, own loop: loss {float(loss):.3f}, reward accuracy "
       f"{float(metrics['rewards/accuracies']):.2f}, margin {float(metrics['rewards/margins']):.3f}")
 
 # %% [markdown]
-# ## A jalign step factory inside the same hand-written loop
+# ## A jalign step factory with your own model
 #
-# `make_dpo_step` returns a pure `step(state, batch) -> (state, metrics)` over
-# jalign's decoder; you jit it yourself and keep your own loop, logging and I/O.
+# `make_dpo_step` takes the model as a *log-prob function*
+# `logprob_fn(params, batch, rng=None) -> [B, T-1]` (position t scores token t+1;
+# `rng` is for dropout, unused here), so the same factory trains your model. It
+# returns a pure `step(state, batch) -> (state, metrics)`: you jit it yourself and
+# keep your own loop, logging and I/O. The state is a `jalign.state.TrainState`
+# whose `frozen["reference"]` is the frozen reference.
 
 # %%
 import functools
 
 from jalign import losses
-from jalign.models import Decoder, ModelConfig
 from jalign.state import TrainState
 from jalign.steps import make_dpo_step
 
-config = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     intermediate_size=128)
-decoder_params = nn.meta.unbox(Decoder(config).init(jax.random.PRNGKey(0),
-                                                    jnp.zeros((1, 8), jnp.int32))["params"])
+
+def my_logprob_fn(params, batch, rng=None):
+    del rng
+    hidden, unembed = model.apply(params, batch["tokens"])
+    return token_logprobs(hidden[:, :-1], unembed, batch["tokens"][:, 1:])
+
+
+start = model.init(jax.random.PRNGKey(1), batch["tokens"][:1])
 tx = optax.adamw(1e-3)
-state = TrainState(step=jnp.zeros((), jnp.int32), params=decoder_params,
-                   opt_state=tx.init(decoder_params), rng=jax.random.PRNGKey(1),
-                   frozen={"reference": decoder_params})
-step = jax.jit(make_dpo_step(config, tx, loss_fn=functools.partial(losses.dpo_loss, beta=0.1,
-                                                                   loss_type="ipo")))
+state = TrainState(step=jnp.zeros((), jnp.int32), params=start, opt_state=tx.init(start),
+                   rng=jax.random.PRNGKey(2), frozen={"reference": start})
+step = jax.jit(make_dpo_step(my_logprob_fn, tx,
+                             loss_fn=functools.partial(losses.dpo_loss, beta=0.1, loss_type="ipo")))
 for i in range(STEPS):
     state, metrics = step(state, next(batches))
-print("jalign step, own loop:", {k: round(float(v), 3) for k, v in metrics.items()
-                                 if k in ("loss", "rewards/accuracies", "rewards/margins")})
+print("jalign step, your model, your loop:",
+      {k: round(float(v), 3) for k, v in metrics.items()
+       if k in ("loss", "rewards/accuracies", "rewards/margins")})

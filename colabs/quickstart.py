@@ -24,7 +24,8 @@ print("backend:", backend, "devices:", jax.device_count(), "small:", SMALL)
 # %%
 import importlib.util
 
-from jalign.train import run
+from jalign.loop import run
+from jalign.pipeline import run_pipeline
 
 here = os.path.dirname(os.path.abspath("__file__"))
 root = here if os.path.exists(os.path.join(here, "configs")) else os.path.dirname(here)
@@ -35,7 +36,7 @@ spec.loader.exec_module(quickstart)
 config = quickstart.get_config("test" if SMALL else "")
 config.mesh.fsdp = -1  # all devices of this runtime (CPU, GPU or TPU)
 workdir = tempfile.mkdtemp(prefix="jalign_quickstart_")
-summary = run(config, workdir)
+summary = run_pipeline(config, workdir)
 
 # %% [markdown]
 # The table: `base` is the untrained model, `sft` after supervised fine-tuning on

@@ -116,7 +116,7 @@ import ml_collections
 
 from jalign import checkpoint
 from jalign.config_utils import base_config
-from jalign.train import run
+from jalign.loop import run
 
 checkpoint.save_params(os.path.join(workdir, "start_params"), params)
 del params  # the loop loads its own copy (plus the frozen reference)

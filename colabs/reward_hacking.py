@@ -55,7 +55,7 @@ print(SIZES)
 
 # %%
 from jalign.config_utils import base_config
-from jalign.train import run
+from jalign.loop import run
 
 workdir = tempfile.mkdtemp(prefix="jalign_reward_hacking_")
 
@@ -169,7 +169,7 @@ from jalign.models import ModelConfig
 from jalign.steps.common import shifted_logprobs
 from jalign.tasks import get_task
 from jalign.tokenizer import builtin_tokenizer
-from jalign.train import decoder_init_fn
+from jalign.models import decoder_init_fn
 
 model_cfg = ModelConfig.from_mapping(sft.model)
 tokenizer = builtin_tokenizer()

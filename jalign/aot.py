@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -31,15 +32,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import app, flags, logging
+from jax.experimental import topologies
+from ml_collections import config_flags
 
 from jalign import sharding as shd
-from jalign.algorithms import get_algorithm
+from jalign.algorithms import ALGOS, get_algorithm
 from jalign.algorithms.common import AlgorithmSetup
 from jalign.config_utils import validate_config
+from jalign.memory import GIB, format_bytes as _size, per_device_bytes
 from jalign.models.config import ModelConfig
+from jalign.models.heads import scalar_model_init_fn
+from jalign.models.transformer import decoder_init_fn
 from jalign.optim import make_optimizer
-
-GIB = 1024 ** 3
+from jalign.state import abstract_train_state
 # HBM per chip (one JAX device per chip on all of these).
 HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
 _ROW_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
@@ -55,7 +61,6 @@ class DoesNotFitError(RuntimeError):
 
 def topology_devices(topology: str) -> list:
     """The devices of a TPU slice, e.g. "v5p:2x4x4", from libtpu (no TPU needed)."""
-    from jax.experimental import topologies
     # A compile-only client opens no chip, so it may share libtpu with other processes.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
@@ -94,13 +99,14 @@ def hbm_bytes(topology: str, override_gib: float = 0.0) -> int:
     return int(HBM_GIB[generation] * GIB)
 
 
-def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config: ml_collections.ConfigDict, spec=None) -> dict[str, jax.ShapeDtypeStruct]:
     """The batch the configured algorithm's step reads, at its largest (max_length) width.
 
     SFT: tokens, loss_mask, segment_ids, positions [B, T]. Paired (dpo, reward):
     those plus sequence_index over 2B rows (padded) or max(B, 2) packed rows, and
     pair_mask, example_index [B]. KTO: B rows, the kl_* copies and label [B].
-    Precomputed references add their float [B] log-probs.
+    Precomputed references add their float [B] log-probs. `spec`: the algorithm's
+    spec (read from the config when not given).
     """
     b, t = int(config.data.batch_size), int(config.data.max_length)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
@@ -112,7 +118,9 @@ def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtyp
         raise ValueError(f"jalign.aot has no batch layout for config.algo={algo!r}; "
                          "supported: sft, dpo, reward, kto")
     slots = {"pair_mask": f32(b), "example_index": i32(b)}
-    reference = _reference_mode(config)
+    if spec is None:
+        spec = get_algorithm(algo).spec(config)
+    reference = getattr(spec, "reference", "none")
     if algo == "kto":
         rows = {k: i32(b, t) for k in (*_ROW_KEYS, "sequence_index")}
         rows |= {f"kl_{k}": v for k, v in rows.items()}
@@ -125,53 +133,13 @@ def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtyp
     return rows | slots | {k: f32(b) for k in extra}
 
 
-def _reference_mode(config) -> str:
-    """"params", "precomputed" or "none", as the algorithm's setup decides it."""
-    if config.algo == "dpo":
-        from jalign.algorithms.preference import pair_loss_fn
-        if pair_loss_fn(config.dpo)[1]:
-            return "none"
-    if config.algo in ("dpo", "kto"):
-        return config.dpo.reference
-    return "none"
-
-
-def abstract_setup(config, model_cfg: ModelConfig) -> AlgorithmSetup:
-    """What the loop takes from `algo.setup` to build the state, without data or tokenizer."""
-    from jalign.models.heads import scalar_model_init_fn
-    from jalign.train import decoder_init_fn
+def abstract_setup(config, model_cfg: ModelConfig, spec) -> AlgorithmSetup:
+    """What the loop takes from the algorithm's setup to build the state (the model's
+    init function and whether a frozen reference is kept), without data or tokenizer."""
     init_fn = (scalar_model_init_fn(model_cfg) if config.algo == "reward"
                else decoder_init_fn(model_cfg))
-    return AlgorithmSetup(tokenizer=None, dataset=None, params_init_fn=init_fn,
-                          with_reference=_reference_mode(config) == "params")
-
-
-def abstract_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
-                         with_reference: bool, model_cfg: ModelConfig | None = None):
-    """(state as ShapeDtypeStructs carrying their shardings, state shardings).
-
-    The same derivation as `jalign.train.init_train_state` (LoRA included), stopped
-    before any array exists.
-    """
-    from jalign.train import make_state_fn
-    state_from_params = make_state_fn(optimizer, seed=seed, with_reference=with_reference,
-                                      model_cfg=model_cfg)
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    boxed = jax.eval_shape(lambda r: state_from_params(params_init_fn(r)), key)
-    shardings = shd.logical_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            nn.meta.unbox(boxed), shardings)
-    return abstract, shardings
-
-
-def per_device_bytes(tree) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        # in bits first: 4-bit values (QLoRA's nf4) pack two to a byte on the device
-        total += -(-math.prod(shape) * jax.dtypes.itemsize_bits(leaf.dtype) // 8)
-    return total
+    return AlgorithmSetup(dataset=None, params_init_fn=init_fn,
+                          with_reference=getattr(spec, "reference", "none") == "params")
 
 
 @dataclasses.dataclass
@@ -207,7 +175,7 @@ class FitCheck:
 def fit_check(config: ml_collections.ConfigDict, topology: str, *,
               hbm_gib: float = 0.0) -> FitCheck:
     """Lowers and compiles the configured train step for `topology`; reads its memory plan."""
-    validate_config(config)
+    validate_config(config, algorithms=ALGOS)
     if config.pipeline.stages:
         raise ValueError("jalign.aot checks one stage: set --config.pipeline.stages= and "
                          "--config.algo=STAGE (with that stage's overrides)")
@@ -216,15 +184,16 @@ def fit_check(config: ml_collections.ConfigDict, topology: str, *,
     rules = shd.rules_from_config(config.get("logical_axis_rules"))
     model_cfg = ModelConfig.from_mapping(config.model)
     algo = get_algorithm(config.algo)
-    setup = abstract_setup(config, model_cfg)
-    optimizer, schedule = make_optimizer(config.optimizer, config.train.num_steps)
+    spec = algo.spec(config)
+    setup = abstract_setup(config, model_cfg, spec)
+    optimizer, _ = make_optimizer(config.optimizer, config.train.num_steps)
     state, state_shardings = abstract_train_state(
         setup.params_init_fn, optimizer, mesh, rules, seed=config.seed,
         with_reference=setup.with_reference, model_cfg=model_cfg)
     batch_sharding = shd.data_sharding(mesh, rules)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-             for k, v in abstract_batch(config).items()}
-    step_fn = algo.make_step(config, model_cfg, optimizer, schedule, setup)
+             for k, v in abstract_batch(config, spec).items()}
+    step_fn = algo.make_step(config, model_cfg, spec, optimizer)
     p_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
     start = time.perf_counter()
@@ -256,40 +225,6 @@ def fit_check(config: ml_collections.ConfigDict, topology: str, *,
         code_bytes=int(memory.generated_code_size_in_bytes),
         state_bytes=state_parts, batch_bytes=per_device_bytes(batch),
         num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)))
-
-
-def state_memory(state) -> dict[str, int]:
-    """Per-device bytes of each part of a train state (arrays or sharded ShapeDtypeStructs):
-    trained params, optimizer state, and each frozen tree (reference, LoRA base, ...)."""
-    parts = {"params": per_device_bytes(state.params),
-             "opt_state": per_device_bytes(state.opt_state)}
-    for name, tree in (state.frozen or {}).items():
-        parts[f"frozen/{name}"] = per_device_bytes(tree)
-    if isinstance(state.params, dict) and "critic" in state.params:
-        parts["params/critic"] = per_device_bytes(state.params["critic"])
-    return parts
-
-
-def memory_report(state, compiled) -> str:
-    """The start-up memory report of `jalign.train`: the state by parts and the
-    compiled step's plan (from its memory analysis), per device."""
-    parts = state_memory(state)
-    memory = compiled.memory_analysis()
-    lines = ["memory per device (state by its shardings; the step as XLA plans it):"]
-    lines += [f"  {name:<22}{_size(n)}" for name, n in parts.items()]
-    if memory is not None:
-        total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                 - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-        lines += [f"  {'step temporaries':<22}{_size(memory.temp_size_in_bytes)}",
-                  f"  {'step total':<22}{_size(total)}   (arguments + outputs - donated + "
-                  "temporaries)"]
-    from jalign import lora
-    lines.append(f"  trained parameters: {lora.num_params(state.params):,}")
-    return "\n".join(lines)
-
-
-def _size(n: float) -> str:
-    return f"{n / GIB:9.2f} GiB" if abs(n) >= GIB / 10 else f"{n / 2**20:9.2f} MiB"
 
 
 def format_report(check: FitCheck, config) -> str:
@@ -324,8 +259,6 @@ def format_report(check: FitCheck, config) -> str:
 
 def main(argv):
     del argv
-    import sys
-    from absl import flags, logging
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     try:
@@ -350,9 +283,6 @@ if __name__ == "__main__":
     # Nor is this a TPU host: skip libtpu's metadata-server lookups (and their noise).
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    from absl import app, flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "Path to a configs/NAME.py file[:arg].",
                                     lock_config=True)
     flags.DEFINE_string("topology", None, "libtpu topology, e.g. v5e:2x2, v5p:2x4x4, v6e:4x4.")

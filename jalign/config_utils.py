@@ -8,11 +8,11 @@ existing keys, so a typo fails at once, naming the key.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 
 import ml_collections
 
 from jalign.models.config import PRESETS, ModelConfig
-
 
 
 def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
@@ -121,8 +121,12 @@ def _check_choice(config, path: str, choices) -> None:
         raise ValueError(f"config.{path} = {value!r} is not valid{extra}; valid: {list(choices)}")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks keys against base_config() and values against their allowed choices."""
+def validate_config(config: ml_collections.ConfigDict, *, algorithms: Sequence[str] = ()) -> None:
+    """Checks keys against base_config() and values against their allowed choices.
+
+    `algorithms`: the valid names of `config.algo` and of `config.pipeline.stages`
+    (the caller's registry, e.g. jalign.algorithms.ALGOS); not checked when empty.
+    """
     reference = base_config()
 
     def walk(cfg, ref, prefix):
@@ -135,14 +139,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 walk(cfg[key], ref[key], f"{prefix}{key}.")
 
     walk(config, reference, "")
-    from jalign.algorithms import ALGOS
-    if config.pipeline.stages:
+    if algorithms and config.pipeline.stages:
         for stage in config.pipeline.stages.split(","):
-            if stage.strip() not in ALGOS:
+            if stage.strip() not in algorithms:
                 raise ValueError(f"config.pipeline.stages: {stage.strip()!r} is not an algorithm; "
-                                 f"valid: {list(ALGOS)}")
-    else:
-        _check_choice(config, "algo", ALGOS)
+                                 f"valid: {list(algorithms)}")
+    elif algorithms:
+        _check_choice(config, "algo", algorithms)
     _check_choice(config, "dpo.reference", ("params", "precomputed"))
     _check_choice(config, "data.source", ("task", "jsonl", "parquet"))
     _check_choice(config, "data.truncation", ("keep_end", "keep_start"))

@@ -14,7 +14,13 @@ import json
 import os
 from typing import Any
 
+import jax
+import matplotlib
 import ml_collections
+
+from jalign import loop
+from jalign.algorithms import ALGOS, get_algorithm
+from jalign.config_utils import validate_config
 
 COLUMNS = (("gold_reward/greedy", "gold (greedy)"), ("gold_reward/sampled", "gold (sampled)"),
            ("accuracy", "pref. acc."), ("kl/ref", "KL to start"),
@@ -63,9 +69,8 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def plot_curves(workdir: str, stages: list[str], path: str) -> None:
-    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the non-interactive backend
 
     keys = {"sft": ["loss"], "reward": ["loss", "accuracy"], "dpo": ["loss", "rewards/margins"],
             "kto": ["loss", "rewards/margins"]}
@@ -87,16 +92,37 @@ def plot_curves(workdir: str, stages: list[str], path: str) -> None:
     plt.close(fig)
 
 
-def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    from jalign.train import run  # the one training loop
+def stages_of(config: ml_collections.ConfigDict) -> list[str]:
+    return [s.strip() for s in config.pipeline.stages.split(",") if s.strip()]
 
-    stages = [s.strip() for s in config.pipeline.stages.split(",") if s.strip()]
+
+def validate_pipeline(config: ml_collections.ConfigDict) -> None:
+    """Checks every stage's config (names, `config.pipeline.<stage>` overrides, values and
+    the algorithm's own sections) before the first stage trains."""
+    validate_config(config, algorithms=ALGOS)
+    stages = stages_of(config)
+    unknown = [k for k in config.pipeline.keys() if k != "stages" and k not in ALGOS]
+    if unknown:
+        raise ValueError(f"config.pipeline.{unknown[0]} is not an algorithm's overrides; "
+                         f"valid: {list(ALGOS)}")
+    for stage in stages:
+        cfg = stage_config(config, stage, config.init_from)
+        validate_config(cfg, algorithms=ALGOS)
+        get_algorithm(stage).spec(cfg)
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs `config.pipeline.stages` in order with the one training loop (see the module
+    docstring); every stage's config is validated before the first one trains."""
+    validate_pipeline(config)
+    stages = stages_of(config)
     os.makedirs(workdir, exist_ok=True)
     summaries: dict[str, Any] = {}
     start_model = config.init_from
     for stage in stages:
         print(f"=== stage {stage} ===")
-        summaries[stage] = run(stage_config(config, stage, start_model), os.path.join(workdir, stage))
+        summaries[stage] = loop.run(stage_config(config, stage, start_model),
+                                    os.path.join(workdir, stage))
         if stage == "sft":
             start_model = os.path.join(workdir, "sft", "final_params")
 
@@ -106,7 +132,6 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     for stage, summary in summaries.items():
         rows[stage] = _row(summary, "final")
     out = {"stages": summaries, "table": rows}
-    import jax
     if jax.process_index() == 0:
         print(format_table(rows))
         plot_curves(workdir, stages, os.path.join(workdir, "curves.png"))

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from jalign import aot
+from jalign.memory import per_device_bytes
 from jalign import sharding as shd
 from jalign.algorithms import get_algorithm
 from jalign.config_utils import base_config
 from jalign.models.config import ModelConfig
 from jalign.optim import make_optimizer
-from jalign.train import init_train_state
+from jalign.state import abstract_train_state, init_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = "configs/quickstart.py:test"
@@ -77,7 +78,8 @@ def test_quickstart_dpo_counts_the_reference_and_reports_no_fit(tmp_path):
 def test_abstract_batch_matches_the_data_pipeline(tmp_path, algo):
     config = _quickstart(algo)
     model_cfg = ModelConfig.from_mapping(config.model)
-    setup = get_algorithm(algo).setup(config, model_cfg, str(tmp_path))
+    algorithm = get_algorithm(algo)
+    setup = algorithm.setup(config, model_cfg, algorithm.spec(config), str(tmp_path))
     real = next(iter(setup.dataset(0, 1)))
     abstract = aot.abstract_batch(config)
     assert sorted(abstract) == sorted(real)
@@ -91,10 +93,10 @@ def test_abstract_state_matches_init_train_state(algo):
     model_cfg = ModelConfig.from_mapping(config.model)
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
     optimizer, _ = make_optimizer(config.optimizer, 10)
-    setup = aot.abstract_setup(config, model_cfg)
-    abstract, shardings = aot.abstract_train_state(setup.params_init_fn, optimizer, mesh,
-                                                   shd.DEFAULT_RULES, seed=0,
-                                                   with_reference=setup.with_reference)
+    setup = aot.abstract_setup(config, model_cfg, get_algorithm(algo).spec(config))
+    abstract, shardings = abstract_train_state(setup.params_init_fn, optimizer, mesh,
+                                               shd.DEFAULT_RULES, seed=0,
+                                               with_reference=setup.with_reference)
     state, want = init_train_state(setup.params_init_fn, optimizer, mesh, shd.DEFAULT_RULES,
                                    seed=0, with_reference=setup.with_reference)
     assert jax.tree.structure(abstract) == jax.tree.structure(state)
@@ -110,4 +112,4 @@ def test_per_device_bytes_counts_one_shard():
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
     tree = {"a": jax.ShapeDtypeStruct((8, 3), np.float32, sharding=sharding),
             "b": jax.ShapeDtypeStruct((5,), np.int32, sharding=shd.replicated(mesh))}
-    assert aot.per_device_bytes(tree) == 2 * 3 * 4 + 5 * 4
+    assert per_device_bytes(tree) == 2 * 3 * 4 + 5 * 4

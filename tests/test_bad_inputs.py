@@ -1,7 +1,7 @@
 """The bad-input corpus (tests/bad_inputs/): every item gets an actionable error or a counted skip.
 
 Each item goes through the path a user takes: flags parsed as `python -m jalign.train`
-parses them, then `jalign.train.run`; model folders through `jalign.models.from_pretrained`.
+parses them, then `jalign.loop.run`; model folders through `jalign.models.from_pretrained`.
 The error must name the file and line (or the config key, tensor, field) and come from
 jalign's own checks, not from deep inside JAX, NumPy or a parser. Binary items are
 written by tests/bad_inputs/_make.py.
@@ -22,7 +22,7 @@ from jalign.config_utils import validate_config
 from jalign.data import DataError, load_records
 from jalign.models.config import ModelConfig
 from jalign.tokenizer import Tokenizer
-from jalign.train import run
+from jalign.loop import run
 from tests.train_helpers import parse_config
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bad_inputs")
@@ -135,8 +135,8 @@ RUN_CASES = [
 def _read_first_batch(config, workdir):
     """What run() does with the data before its first step, without building the model."""
     validate_config(config)
-    setup = get_algorithm(config.algo).setup(config, ModelConfig.from_mapping(config.model),
-                                              workdir)
+    algo = get_algorithm(config.algo)
+    setup = algo.setup(config, ModelConfig.from_mapping(config.model), algo.spec(config), workdir)
     return next(iter(setup.dataset(0, 1)))
 
 
@@ -242,8 +242,9 @@ def test_skip_mode_counts_rows_that_do_not_tokenise(tmp_path, capsys):
                               CORPUS, "tokenizer_template_checks_roles"),
                           "--config.data.max_prompt_length=48", "--config.data.on_bad_row=skip")
     validate_config(config)
-    setup = get_algorithm(config.algo).setup(config, ModelConfig.from_mapping(config.model),
-                                              str(tmp_path / "workdir"))
+    algo = get_algorithm(config.algo)
+    setup = algo.setup(config, ModelConfig.from_mapping(config.model), algo.spec(config),
+                       str(tmp_path / "workdir"))
     out = capsys.readouterr().out
     assert ("training data: skipped 2 rows (chat_template: 1, prompt_too_long: 1); "
             "first examples:") in out
@@ -252,7 +253,8 @@ def test_skip_mode_counts_rows_that_do_not_tokenise(tmp_path, capsys):
     assert setup.summarize([], {})["skipped_rows"] == {"chat_template": 1, "prompt_too_long": 1}
     # Only the two good rows (line 1 of each file) are in the batches.
     batch = next(iter(setup.dataset(0, 1)))
-    texts = {setup.tokenizer.decode(row[mask == 1])
+    tokenizer = Tokenizer.from_file(os.path.join(CORPUS, "tokenizer_template_checks_roles"))
+    texts = {tokenizer.decode(row[mask == 1])
              for row, mask in zip(batch["tokens"], batch["loss_mask"]) if mask.any()}
     assert texts == {"1 3", "1 3\n"}
     assert capsys.readouterr().out == ""  # nothing skipped, so nothing reported, later

@@ -10,7 +10,7 @@ import numpy as np
 
 import jalign.algorithms as algorithms
 from jalign.models.config import ModelConfig
-from jalign.train import run
+from jalign.loop import run
 from tests.train_helpers import (cached_env, load_final_params, parse_config, read_metrics,
                                  run_train)
 
@@ -57,7 +57,7 @@ def test_one_nan_batch_is_skipped_and_the_run_recovers(tmp_path, monkeypatch, ca
     run(config, clean)
 
     sft = algorithms.get_algorithm("sft")
-    setup = sft.setup(config, ModelConfig.from_mapping(config.model), clean)
+    setup = sft.setup(config, ModelConfig.from_mapping(config.model), None, clean)
     batches = iter(setup.dataset(0, 1))
     poison_tokens = [next(batches) for _ in range(6)][-1]["tokens"]
 
@@ -75,7 +75,7 @@ def test_one_nan_batch_is_skipped_and_the_run_recovers(tmp_path, monkeypatch, ca
         return poisoned
 
     monkeypatch.setitem(algorithms._ALGORITHMS, "sft",
-                        algorithms.Algorithm(sft.setup, make_step_with_a_nan_batch))
+                        algorithms.Algorithm(sft.spec, sft.setup, make_step_with_a_nan_batch))
     poisoned_run = str(tmp_path / "nan")
     capfd.readouterr()
     run(config, poisoned_run)

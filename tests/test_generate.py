@@ -76,7 +76,8 @@ def test_sampling_on_8_devices_keeps_the_batch_sharded():
     import optax
 
     from jalign import sharding as shd
-    from jalign.train import decoder_init_fn, init_train_state
+    from jalign.models import decoder_init_fn
+    from jalign.state import init_train_state
 
     mesh = shd.make_mesh({"data": 2, "fsdp": 4}, jax.devices()[:8])
     state, _ = init_train_state(decoder_init_fn(CFG), optax.sgd(0.0), mesh, shd.DEFAULT_RULES, seed=0)

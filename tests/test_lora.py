@@ -9,9 +9,12 @@ import numpy as np
 import optax
 import pytest
 
+from jalign.algorithms.preference import pair_spec
+from jalign.config_utils import base_config
+from jalign.steps import decoder_logprob_fn
 from jalign import lora, losses
 from jalign import sharding as shd
-from jalign.aot import per_device_bytes
+from jalign.memory import per_device_bytes
 from jalign.data import make_preference_dataset, preference_records_from_dicts
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import Decoder
@@ -19,7 +22,8 @@ from jalign.steps.common import shifted_logprobs
 from jalign.steps.preference import make_dpo_step
 from jalign.tasks import get_task
 from jalign.tokenizer import builtin_tokenizer
-from jalign.train import decoder_init_fn, init_train_state
+from jalign.models import decoder_init_fn
+from jalign.state import init_train_state
 
 BASE = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    intermediate_size=128)
@@ -51,7 +55,7 @@ def _perturbed_adapters(params):
 
 
 def _dpo_step(cfg, opt):
-    return jax.jit(make_dpo_step(cfg, opt, loss_fn=functools.partial(losses.dpo_loss, beta=0.1)))
+    return jax.jit(make_dpo_step(decoder_logprob_fn(cfg), opt, loss_fn=functools.partial(losses.dpo_loss, beta=0.1)))
 
 
 def test_state_holds_adapters_and_a_frozen_base_only():
@@ -174,8 +178,10 @@ def test_bad_lora_config_names_the_key():
         ModelConfig(lora_rank=4, lora_targets=("q_proj", "qkv"))
     with pytest.raises(ValueError, match="model.lora_quantization"):
         ModelConfig(lora_rank=4, lora_quantization="int3")
+    config = base_config()
+    config.model.lora_rank, config.dpo.ref_sync_every = 4, 2
     with pytest.raises(ValueError, match="ref_sync_every"):
-        make_dpo_step(LORA, optax.sgd(0.1), loss_fn=losses.dpo_loss, ref_sync_every=2)
+        pair_spec(config)
 
 
 def test_export_merges_saved_adapters_into_the_base(tmp_path):

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from jalign.steps import decoder_logprob_fn
 from jalign import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ OVERRIDES = {
 REFERENCE_DRIVER = r"""
 import dataclasses, importlib.util, json, sys
 import grain, numpy as np
-from jalign import train
+from jalign import loop
 
 path, arg, overrides, workdir, shards = sys.argv[1:]
 spec = importlib.util.spec_from_file_location("config_module", path)
@@ -64,17 +65,17 @@ def stacked(dataset_fn, shards):
         return out
     return grain.experimental.ZipIterDataset(parents=parts).map(stack)
 
-real_get_algorithm = train.get_algorithm
+real_get_algorithm = loop.get_algorithm
 def get_algorithm(name):
     algo = real_get_algorithm(name)
-    def setup(config, model_cfg, workdir):
-        s = algo.setup(config, model_cfg, workdir)
+    def setup(config, model_cfg, spec, workdir):
+        s = algo.setup(config, model_cfg, spec, workdir)
         inner = s.dataset
         s.dataset = lambda index, count: stacked(inner, int(shards))
         return s
     return dataclasses.replace(algo, setup=setup)
-train.get_algorithm = get_algorithm
-train.run(config, workdir)
+loop.get_algorithm = get_algorithm
+loop.run(config, workdir)
 """
 
 
@@ -160,7 +161,8 @@ from jalign.config_utils import model_config
 from jalign.models.config import ModelConfig
 from jalign.optim import make_optimizer
 from jalign.steps.sft import make_sft_step
-from jalign.train import _abstract_with_shardings, decoder_init_fn, init_train_state
+from jalign.models import decoder_init_fn
+from jalign.state import abstract_with_shardings as _abstract_with_shardings, init_train_state
 
 mode, directory, data, fsdp, tensor = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 distributed.initialize()
@@ -178,7 +180,7 @@ if mode == "save":
     batch = {"tokens": tokens, "loss_mask": jnp.ones_like(tokens),
              "segment_ids": jnp.ones_like(tokens), "positions": jnp.broadcast_to(jnp.arange(16), (8, 16))}
     with jax.set_mesh(mesh):
-        step = jax.jit(make_sft_step(model_cfg, optimizer), out_shardings=(shardings, None))
+        step = jax.jit(make_sft_step(decoder_logprob_fn(model_cfg, with_stats=True), optimizer), out_shardings=(shardings, None))
         state, _ = step(state, batch)
     ckpt.save(manager, 1, state)
     manager.wait_until_finished()

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jalign.train import run
+from jalign.loop import run
 from tests.train_helpers import load_config
 
 

@@ -1,11 +1,11 @@
-"""Each online-RL config's `test` variant runs through jalign.train.run on 8 devices."""
+"""Each online-RL config's `test` variant runs through jalign.loop.run on 8 devices."""
 
 import json
 
 import numpy as np
 import pytest
 
-from jalign.train import run
+from jalign.loop import run
 from tests.train_helpers import load_config
 
 

@@ -16,7 +16,8 @@ import optax
 from jalign import sharding as shd
 from jalign.algorithms.rl import ppo_setup, ppo_step
 from jalign.models.config import ModelConfig
-from jalign.train import init_train_state, skip_nonfinite
+from jalign.loop import skip_nonfinite
+from jalign.state import init_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = 16  # 16 prompts x 1 completion: 2 rows per device on 8 devices

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from jalign.train import EXIT_PREEMPTED
+from jalign.loop import EXIT_PREEMPTED
 from tests.train_helpers import (ROOT, cached_env, load_final_params, read_metrics, run_train,
                                  train_cmd)
 

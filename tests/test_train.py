@@ -129,7 +129,7 @@ def test_mesh_that_does_not_divide_devices():
 def test_non_finite_steps_are_skipped_then_stop_names_the_step():
     import jax.numpy as jnp
     from jalign.logging_utils import ProgressBar
-    from jalign.train import _SkipGuard, skip_nonfinite
+    from jalign.loop import SkipGuard as _SkipGuard, skip_nonfinite
 
     def step(state, batch):
         loss = jnp.sum(batch["x"])
@@ -170,7 +170,7 @@ def test_persistent_nan_is_skipped_then_stops_the_run(tmp_path, monkeypatch):
 
     import jax.numpy as jnp
     import jalign.algorithms as algorithms
-    from jalign.train import run
+    from jalign.loop import run
 
     original = algorithms.get_algorithm("sft").make_step
 
@@ -183,7 +183,8 @@ def test_persistent_nan_is_skipped_then_stops_the_run(tmp_path, monkeypatch):
         return poisoned
 
     monkeypatch.setitem(algorithms._ALGORITHMS, "sft", algorithms.Algorithm(
-        algorithms.get_algorithm("sft").setup, make_step_with_a_nan))
+        algorithms.get_algorithm("sft").spec, algorithms.get_algorithm("sft").setup,
+        make_step_with_a_nan))
     spec = importlib.util.spec_from_file_location("qs", os.path.join(ROOT, "configs", "quickstart.py"))
     quickstart = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quickstart)
@@ -199,3 +200,45 @@ def test_persistent_nan_is_skipped_then_stops_the_run(tmp_path, monkeypatch):
     assert [metrics[s]["skipped_nonfinite"] for s in range(1, 8)] == [0, 0, 0, 1, 1, 1, 1]
     assert all(np.isfinite(metrics[s]["loss"]) for s in (1, 2, 3))
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # the last good state is kept
+
+
+@pytest.mark.parametrize("overrides, where", [
+    (("--config.data.source=jsonl", "--config.data.path=tests/bad_inputs/sft_malformed_json.jsonl"),
+     "tests/bad_inputs/sft_malformed_json.jsonl:2: line is not valid JSON"),
+    (("--config.dpo.loss_type=sigmiod", "--config.algo=dpo"),
+     "config.dpo.loss_type 'sigmiod' is not known"),
+])
+def test_a_data_or_config_error_ends_the_cli_with_one_line(tmp_path, overrides, where):
+    proc = run_train(str(tmp_path / "w"), *overrides, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and where in errors[0], proc.stderr[-3000:]
+    debug = run_train(str(tmp_path / "d"), *overrides, "--debug", check=False)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_implicit_prompt_pairs_train_exactly_like_explicit_ones(tmp_path):
+    from jalign.loop import run
+    from jalign.tasks import get_task
+    from tests.train_helpers import parse_config
+
+    # Pairs whose answers differ from their first character and whose prompt does not end
+    # in a space: their shared prefix is exactly the prompt.
+    pairs = [p for p in get_task("sort").preference_pairs(96, seed=3)
+             if p["chosen"][:1] != p["rejected"][:1] and not p["prompt"].endswith(" ")][:48]
+    explicit, implicit = tmp_path / "explicit.jsonl", tmp_path / "implicit.jsonl"
+    explicit.write_text("".join(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected")})
+                                + "\n" for p in pairs))
+    implicit.write_text("".join(json.dumps({"chosen": p["prompt"] + p["chosen"],
+                                            "rejected": p["prompt"] + p["rejected"]}) + "\n"
+                                for p in pairs))
+    losses = {}
+    for name, path in (("explicit", explicit), ("implicit", implicit)):
+        config = parse_config("--config.algo=dpo", "--config.data.source=jsonl",
+                              f"--config.data.path={path}", "--config.train.num_steps=3",
+                              "--config.train.log_every=1", "--config.train.eval_every=0",
+                              "--config.train.eval_at_start=False", "--config.train.memory_report=False")
+        run(config, str(tmp_path / name))
+        losses[name] = [read_metrics(str(tmp_path / name))[s]["loss"] for s in (1, 2, 3)]
+    assert losses["implicit"] == losses["explicit"]

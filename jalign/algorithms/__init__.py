@@ -1,13 +1,16 @@
-"""What each algorithm brings to the one training loop: data, step, evaluation.
+"""What each algorithm brings to the one training loop: a spec, data, a step.
 
-An `AlgorithmSetup` is built from the config before training; the loop in
-jalign.train is the same for every algorithm.
+For each `config.algo`, an `Algorithm` reads its config sections once into a
+typed spec (`spec(config)`), builds the data, model init and evaluation from the
+config (`setup(config, model_cfg, spec, workdir) -> AlgorithmSetup`) and the pure
+step (`make_step(config, model_cfg, spec, optimizer)`). The loop in jalign.loop
+and the fit check in jalign.aot are the same for every algorithm.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 from jalign.algorithms import preference, rl, sft
 from jalign.algorithms.common import AlgorithmSetup
@@ -15,6 +18,7 @@ from jalign.algorithms.common import AlgorithmSetup
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
+    spec: Callable[[Any], Any]
     setup: Callable[..., AlgorithmSetup]
     make_step: Callable[..., Callable]
     rollout_epochs: bool = False  # the step takes rl.num_iterations x rl.num_minibatches updates
@@ -27,14 +31,14 @@ class Algorithm:
 
 
 _ALGORITHMS = {
-    "sft": Algorithm(sft.setup, sft.make_step),
-    "reward": Algorithm(preference.reward_setup, preference.reward_step),
-    "dpo": Algorithm(preference.dpo_setup, preference.dpo_step),
-    "kto": Algorithm(preference.kto_setup, preference.kto_step),
-    "grpo": Algorithm(rl.grpo_setup, rl.grpo_step, rollout_epochs=True),
-    "rloo": Algorithm(rl.grpo_setup, rl.grpo_step, rollout_epochs=True),
-    "online_dpo": Algorithm(rl.online_dpo_setup, rl.online_dpo_step),
-    "ppo": Algorithm(rl.ppo_setup, rl.ppo_step, rollout_epochs=True),
+    "sft": Algorithm(sft.spec, sft.setup, sft.make_step),
+    "reward": Algorithm(preference.reward_spec, preference.reward_setup, preference.reward_step),
+    "dpo": Algorithm(preference.pair_spec, preference.dpo_setup, preference.dpo_step),
+    "kto": Algorithm(preference.kto_spec, preference.kto_setup, preference.kto_step),
+    "grpo": Algorithm(rl.rl_spec, rl.grpo_setup, rl.grpo_step, rollout_epochs=True),
+    "rloo": Algorithm(rl.rl_spec, rl.grpo_setup, rl.grpo_step, rollout_epochs=True),
+    "online_dpo": Algorithm(rl.online_dpo_spec, rl.online_dpo_setup, rl.online_dpo_step),
+    "ppo": Algorithm(rl.rl_spec, rl.ppo_setup, rl.ppo_step, rollout_epochs=True),
 }
 ALGOS = tuple(_ALGORITHMS)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from jalign.checkpoint import load_params
+from jalign.evaluate import evaluate_policy
 from jalign.models.config import ModelConfig
+from jalign.tokenizer import Tokenizer, builtin_tokenizer
 
 
 @dataclasses.dataclass
 class AlgorithmSetup:
-    tokenizer: Any
     dataset: Callable[[int, int], Any]          # (process_index, process_count) -> grain IterDataset
     params_init_fn: Callable | None = None       # rng -> boxed params (None = the decoder)
     load_params: Callable | None = None          # abstract params -> starting params
@@ -23,7 +25,6 @@ class AlgorithmSetup:
 
 
 def load_tokenizer(config):
-    from jalign.tokenizer import Tokenizer, builtin_tokenizer
     return Tokenizer.from_file(config.data.tokenizer) if config.data.tokenizer else builtin_tokenizer()
 
 
@@ -37,7 +38,6 @@ def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
     """Held-out gold reward, KL to the starting policy and completion length on a task."""
     if task is None:
         return None
-    from jalign.evaluate import evaluate_policy
     prompts = task.prompts(config.eval.num_prompts, seed=config.seed + 1, split="eval")
 
     def evaluate(params, start_params):
@@ -72,8 +72,6 @@ def summarize_run(name: str, skip_report=None):
     return summarize
 
 
-
-
 def load_start_params(config, into: str | None = None):
     """A `load_params` callable for AlgorithmSetup reading `config.init_from`.
 
@@ -82,7 +80,6 @@ def load_start_params(config, into: str | None = None):
     """
     if not config.init_from:
         return None
-    from jalign.checkpoint import load_params
 
     def load(abstract_params):
         if into is None:

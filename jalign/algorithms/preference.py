@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from typing import Callable
 
 import jax
 import numpy as np
@@ -12,49 +14,112 @@ from jalign import losses
 from jalign.algorithms.common import (AlgorithmSetup, check_vocab, load_start_params,
                                       load_tokenizer, report_skips, summarize_run,
                                       task_evaluator)
+from jalign.data import (SkipReport, load_preference_records, make_preference_dataset,
+                         make_unpaired_dataset, preference_records_from_dicts,
+                         tokenizable_preference_records)
 from jalign.models.config import ModelConfig
-from jalign.models.heads import scalar_model_init_fn, sequence_scores
-from jalign.steps.preference import (make_dpo_step, make_kto_step, make_reward_step,
-                                     reference_logps_fn, sequence_logps)
+from jalign.models.heads import scalar_model_init_fn
+from jalign.steps.common import decoder_logprob_fn
+from jalign.steps.preference import (decoder_score_fn, make_dpo_step, make_kto_step,
+                                     make_reward_step, reference_logps_fn, sequence_logp_sums)
+from jalign.tasks import get_task
 
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
 PAIR_LOSSES = tuple(losses.LOSS_TYPES) + REFERENCE_FREE + ("rdpo",)
+# Loss types that compare or normalise across the whole batch (no microbatching).
+BATCH_COUPLED = ("aot", "aot_unpaired", "sft")
 
 
-def pair_loss_fn(dpo_cfg):
-    """(loss_fn, reference_free) for config.dpo; loss_fn has make_dpo_step's signature."""
-    loss_type = dpo_cfg.loss_type
-    types = [t.strip() for t in loss_type.split(",")] if isinstance(loss_type, str) else list(loss_type)
-    for t in types:
-        if t not in PAIR_LOSSES:
-            raise ValueError(f"config.dpo.loss_type {t!r} is not known; valid: {list(PAIR_LOSSES)}")
+@dataclasses.dataclass(frozen=True)
+class PreferenceSpec:
+    """`config.dpo` (with the optimizer's accumulation), read once.
+
+    Shared by the DPO/KTO setup and step, online DPO and the fit check.
+    `loss_fn` has `make_dpo_step`'s (or, for KTO, `make_kto_step`'s) signature;
+    `reference` is "params", "precomputed" or "none" (reference-free losses).
+    """
+    loss_types: tuple[str, ...]
+    loss_fn: Callable
+    reference: str
+    beta: float
+    ref_sync_every: int = 0
+    ref_sync_mixup: float = 1.0
+    grad_accum_steps: int = 1
+
+
+def _pair_loss_fn(dpo, types: tuple[str, ...]) -> tuple[Callable, bool]:
+    """(loss_fn, reference_free) for the loss types of config.dpo."""
     first = types[0]
     if first in REFERENCE_FREE or first == "rdpo":
         if len(types) > 1:
             raise ValueError(f"config.dpo.loss_type {first!r} cannot be mixed with other types")
+        if first == "rdpo":
+            return functools.partial(losses.rdpo_loss, beta=dpo.beta, alpha=dpo.rdpo_alpha), False
         if first == "simpo":
-            fn = functools.partial(losses.simpo_loss, beta=dpo_cfg.beta, gamma=dpo_cfg.simpo_gamma,
-                                   label_smoothing=dpo_cfg.label_smoothing)
+            fn = functools.partial(losses.simpo_loss, beta=dpo.beta, gamma=dpo.simpo_gamma,
+                                   label_smoothing=dpo.label_smoothing)
         elif first == "cpo":
-            fn = functools.partial(losses.cpo_loss, beta=dpo_cfg.beta, cpo_alpha=dpo_cfg.cpo_alpha,
-                                   label_smoothing=dpo_cfg.label_smoothing)
-        elif first == "orpo":
-            fn = functools.partial(losses.orpo_loss, beta=dpo_cfg.beta)
+            fn = functools.partial(losses.cpo_loss, beta=dpo.beta, cpo_alpha=dpo.cpo_alpha,
+                                   label_smoothing=dpo.label_smoothing)
         else:
-            rdpo = functools.partial(losses.rdpo_loss, beta=dpo_cfg.beta, alpha=dpo_cfg.rdpo_alpha)
-            return rdpo, False
+            fn = functools.partial(losses.orpo_loss, beta=dpo.beta)
 
-        def reference_free(c, r, ref_c, ref_r, **lengths):
+        def reference_free(c, r, ref_c, ref_r, **kwargs):
             del ref_c, ref_r
-            return fn(c, r, **lengths)
+            return fn(c, r, **kwargs)
         return reference_free, True
-    weights = dpo_cfg.loss_weights
-    fn = functools.partial(
-        losses.dpo_loss, loss_type=types[0] if len(types) == 1 else tuple(types),
-        loss_weights=tuple(weights) if weights else None, beta=dpo_cfg.beta,
-        label_smoothing=dpo_cfg.label_smoothing, f_divergence=dpo_cfg.f_divergence,
-        f_alpha=dpo_cfg.f_alpha)
-    return fn, False
+    weights = dpo.loss_weights
+    return functools.partial(
+        losses.dpo_loss, loss_type=first if len(types) == 1 else types,
+        loss_weights=tuple(weights) if weights else None, beta=dpo.beta,
+        label_smoothing=dpo.label_smoothing, f_divergence=dpo.f_divergence,
+        f_alpha=dpo.f_alpha), False
+
+
+def pair_spec(config, *, online: bool = False) -> PreferenceSpec:
+    """config.dpo for paired losses (DPO family; `online`: online DPO, whose reference
+    is always the start policy's params and which takes no microbatches)."""
+    dpo = config.dpo
+    types = tuple(t.strip() for t in str(dpo.loss_type).split(",") if t.strip())
+    for t in types or ("",):
+        if t not in PAIR_LOSSES:
+            raise ValueError(f"config.dpo.loss_type {t!r} is not known; valid: {list(PAIR_LOSSES)}")
+    loss_fn, reference_free = _pair_loss_fn(dpo, types)
+    reference = "none" if reference_free else ("params" if online else dpo.reference)
+    accum = 1 if online else int(config.optimizer.grad_accum_steps)
+    coupled = sorted(set(BATCH_COUPLED) & set(types))
+    if accum > 1 and coupled:
+        raise ValueError(f"config.optimizer.grad_accum_steps={accum} with config.dpo.loss_type "
+                         f"{coupled}: these losses compare or normalise across the whole batch, "
+                         "so microbatches would change them; use 1")
+    sync = 0 if online else int(dpo.ref_sync_every)
+    if sync and reference != "params":
+        raise ValueError("TR-DPO reference syncing (config.dpo.ref_sync_every > 0) needs "
+                         "config.dpo.reference='params' and a loss that uses a reference")
+    if sync and config.model.lora_rank:
+        raise ValueError("TR-DPO reference syncing (config.dpo.ref_sync_every > 0) does not apply "
+                         "to LoRA runs, whose reference is the base model (model.lora_rank > 0)")
+    return PreferenceSpec(loss_types=types, loss_fn=loss_fn, reference=reference,
+                          beta=float(dpo.beta), ref_sync_every=sync,
+                          ref_sync_mixup=float(dpo.ref_sync_mixup), grad_accum_steps=accum)
+
+
+def kto_spec(config) -> PreferenceSpec:
+    dpo = config.dpo
+    if config.optimizer.grad_accum_steps > 1:
+        raise ValueError("config.optimizer.grad_accum_steps > 1 is not supported for KTO: its "
+                         "reference point z0 is estimated over the whole batch")
+    loss_fn = functools.partial(losses.kto_loss, beta=dpo.beta,
+                                desirable_weight=dpo.desirable_weight,
+                                undesirable_weight=dpo.undesirable_weight)
+    return PreferenceSpec(loss_types=("kto",), loss_fn=loss_fn, reference=dpo.reference,
+                          beta=float(dpo.beta))
+
+
+def reward_spec(config):
+    """The reward model's loss (config.reward)."""
+    return functools.partial(losses.reward_loss,
+                             center_rewards_coefficient=config.reward.center_rewards_coefficient)
 
 
 def _records(config, tokenizer, *, paired: bool, split: str, n: int, label_noise: float):
@@ -65,12 +130,9 @@ def _records(config, tokenizer, *, paired: bool, split: str, n: int, label_noise
     template that raises on the row) are raised or, under `on_bad_row="skip"`,
     counted in the same report as the file's bad rows, once, and printed.
     """
-    from jalign.data import (SkipReport, load_preference_records,
-                             preference_records_from_dicts, tokenizable_preference_records)
     data = config.data
     task, report = None, SkipReport()
     if data.source == "task":
-        from jalign.tasks import get_task
         task = get_task(data.task)
         seed = config.seed + (0 if split == "train" else 7919)
         rows = (task.preference_pairs(n, seed=seed, label_noise=label_noise,
@@ -95,7 +157,6 @@ def _records(config, tokenizer, *, paired: bool, split: str, n: int, label_noise
 
 
 def _dataset_fn(config, tokenizer, records, *, paired: bool, shuffle=True, num_epochs=None):
-    from jalign.data import make_preference_dataset, make_unpaired_dataset
     data = config.data
     make = make_preference_dataset if paired else make_unpaired_dataset
 
@@ -128,7 +189,8 @@ def _mean_over_pairs(values, masks):
 
 # --------------------------------------------------------------------- reward model
 
-def reward_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
+def reward_setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
+    del spec, workdir
     tokenizer = load_tokenizer(config)
     check_vocab(model_cfg, tokenizer)
     _, train, report = _records(config, tokenizer, paired=True, split="train",
@@ -137,7 +199,7 @@ def reward_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup
     _, held_out, _ = _records(config, tokenizer, paired=True, split="eval",
                               n=config.data.num_eval_pairs, label_noise=0.0)
     batches = _eval_batches(config, tokenizer, held_out)
-    score = jax.jit(lambda p, b: sequence_scores(p, model_cfg, b, 2 * b["pair_mask"].shape[0]))
+    score = jax.jit(decoder_score_fn(model_cfg))
 
     def evaluate(params, start_params):
         del start_params
@@ -150,18 +212,15 @@ def reward_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup
         return {"eval/accuracy": _mean_over_pairs(correct, masks),
                 "eval/margin": _mean_over_pairs(margins, masks)}
 
-    return AlgorithmSetup(tokenizer=tokenizer,
-                          dataset=_dataset_fn(config, tokenizer, train, paired=True),
+    return AlgorithmSetup(dataset=_dataset_fn(config, tokenizer, train, paired=True),
                           params_init_fn=scalar_model_init_fn(model_cfg),
                           load_params=load_start_params(config, into="decoder"),
                           evaluate=evaluate if batches else None,
                           summarize=summarize_run("reward", skip_report=report))
 
 
-def reward_step(config, model_cfg, optimizer, schedule, setup):
-    loss_fn = functools.partial(losses.reward_loss,
-                                center_rewards_coefficient=config.reward.center_rewards_coefficient)
-    return make_reward_step(model_cfg, optimizer, loss_fn=loss_fn, schedule=schedule,
+def reward_step(config, model_cfg, loss_fn, optimizer):
+    return make_reward_step(decoder_score_fn(model_cfg), optimizer, loss_fn=loss_fn,
                             grad_accum_steps=config.optimizer.grad_accum_steps)
 
 
@@ -178,8 +237,8 @@ def _precompute_reference(config, model_cfg, tokenizer, records, params, workdir
     if os.path.exists(path):
         stored = dict(np.load(path))
     else:
-        fn = jax.jit(reference_logps_fn(model_cfg, paired=paired,
-                                        logprob_impl=config.train.logprob_impl))
+        fn = jax.jit(reference_logps_fn(
+            decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl), paired=paired))
         stored = {k: np.zeros(len(records), np.float32) for k in keys}
         for batch in _eval_batches(config, tokenizer, records, paired=paired):
             out = jax.device_get(fn(params, batch))
@@ -193,7 +252,8 @@ def _precompute_reference(config, model_cfg, tokenizer, records, params, workdir
             record[k] = float(stored[k][record.get("_index", i)])
 
 
-def _dpo_like_setup(config, model_cfg: ModelConfig, workdir: str, *, paired: bool) -> AlgorithmSetup:
+def _dpo_like_setup(config, model_cfg: ModelConfig, spec: PreferenceSpec, workdir: str, *,
+                    paired: bool) -> AlgorithmSetup:
     tokenizer = load_tokenizer(config)
     check_vocab(model_cfg, tokenizer)
     task, train, report = _records(config, tokenizer, paired=paired, split="train",
@@ -201,13 +261,12 @@ def _dpo_like_setup(config, model_cfg: ModelConfig, workdir: str, *, paired: boo
                                    label_noise=config.data.label_noise)
     _, held_out, _ = _records(config, tokenizer, paired=True, split="eval",
                               n=config.data.num_eval_pairs, label_noise=0.0)
-    reference_free = paired and pair_loss_fn(config.dpo)[1]
-    precomputed = config.dpo.reference == "precomputed" and not reference_free
     batches = _eval_batches(config, tokenizer, held_out)
-    logps_fn = jax.jit(lambda p, b: sequence_logps(p, model_cfg, b, 2 * b["pair_mask"].shape[0],
-                                                   logprob_impl=config.train.logprob_impl)[0])
+    logprob_fn = decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl)
+    logps_fn = jax.jit(lambda p, b: sequence_logp_sums(logprob_fn, p, b,
+                                                       2 * b["pair_mask"].shape[0])[0])
     generation_eval = task_evaluator(config, model_cfg, tokenizer, task)
-    beta = config.dpo.beta
+    beta = spec.beta
 
     def evaluate(params, start_params):
         out = generation_eval(params, start_params) if generation_eval else {}
@@ -223,52 +282,32 @@ def _dpo_like_setup(config, model_cfg: ModelConfig, workdir: str, *, paired: boo
         return out
 
     def prepare(start_params):
-        if precomputed:
-            _precompute_reference(config, model_cfg, tokenizer, train, start_params, workdir,
-                                  paired=paired)
+        _precompute_reference(config, model_cfg, tokenizer, train, start_params, workdir,
+                              paired=paired)
 
-    return AlgorithmSetup(tokenizer=tokenizer,
-                          dataset=_dataset_fn(config, tokenizer, train, paired=paired),
+    return AlgorithmSetup(dataset=_dataset_fn(config, tokenizer, train, paired=paired),
                           load_params=load_start_params(config),
-                          with_reference=not (precomputed or reference_free),
-                          evaluate=evaluate, prepare=prepare,
+                          with_reference=spec.reference == "params",
+                          evaluate=evaluate,
+                          prepare=prepare if spec.reference == "precomputed" else None,
                           summarize=summarize_run(config.algo, skip_report=report))
 
 
-def dpo_setup(config, model_cfg, workdir):
-    return _dpo_like_setup(config, model_cfg, workdir, paired=True)
+def dpo_setup(config, model_cfg, spec, workdir):
+    return _dpo_like_setup(config, model_cfg, spec, workdir, paired=True)
 
 
-def dpo_step(config, model_cfg, optimizer, schedule, setup):
-    loss_fn, reference_free = pair_loss_fn(config.dpo)
-    reference = "none" if reference_free else config.dpo.reference
-    return make_dpo_step(model_cfg, optimizer, loss_fn=loss_fn, reference=reference,
-                         ref_sync_every=config.dpo.ref_sync_every,
-                         ref_sync_mixup=config.dpo.ref_sync_mixup, schedule=schedule,
-                         logprob_impl=config.train.logprob_impl,
-                         grad_accum_steps=_pair_accumulation(config))
+def dpo_step(config, model_cfg, spec: PreferenceSpec, optimizer):
+    return make_dpo_step(decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl),
+                         optimizer, loss_fn=spec.loss_fn, reference=spec.reference,
+                         ref_sync_every=spec.ref_sync_every, ref_sync_mixup=spec.ref_sync_mixup,
+                         grad_accum_steps=spec.grad_accum_steps)
 
 
-def _pair_accumulation(config) -> int:
-    steps = int(config.optimizer.grad_accum_steps)
-    batch_coupled = {"aot", "aot_unpaired", "sft"} & set(config.dpo.loss_type.split(","))
-    if steps > 1 and batch_coupled:
-        raise ValueError(f"config.optimizer.grad_accum_steps={steps} with config.dpo.loss_type "
-                         f"{sorted(batch_coupled)}: these losses compare or normalise across the "
-                         "whole batch, so microbatches would change them; use 1")
-    return steps
+def kto_setup(config, model_cfg, spec, workdir):
+    return _dpo_like_setup(config, model_cfg, spec, workdir, paired=False)
 
 
-def kto_setup(config, model_cfg, workdir):
-    return _dpo_like_setup(config, model_cfg, workdir, paired=False)
-
-
-def kto_step(config, model_cfg, optimizer, schedule, setup):
-    loss_fn = functools.partial(losses.kto_loss, beta=config.dpo.beta,
-                                desirable_weight=config.dpo.desirable_weight,
-                                undesirable_weight=config.dpo.undesirable_weight)
-    if config.optimizer.grad_accum_steps > 1:
-        raise ValueError("config.optimizer.grad_accum_steps > 1 is not supported for KTO: its "
-                         "reference point z0 is estimated over the whole batch")
-    return make_kto_step(model_cfg, optimizer, loss_fn=loss_fn, reference=config.dpo.reference,
-                         schedule=schedule, logprob_impl=config.train.logprob_impl)
+def kto_step(config, model_cfg, spec: PreferenceSpec, optimizer):
+    return make_kto_step(decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl),
+                         optimizer, loss_fn=spec.loss_fn, reference=spec.reference)

@@ -13,23 +13,31 @@ samples the same completions.
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Callable, Sequence
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jalign import losses
 from jalign import sharding as shd
 from jalign.algorithms.common import (AlgorithmSetup, check_vocab, load_start_params,
                                       load_tokenizer, summarize_run, task_evaluator)
+from jalign.algorithms.preference import PreferenceSpec, pair_spec
+from jalign.checkpoint import load_params
+from jalign.data.sft import tokenize_prompt_completion
 from jalign.generate import decode_completions, generate, left_pad
-from jalign.losses.rl import group_advantages, rloo_advantages
+from jalign.losses.rl import (gae_advantages, group_advantages, kl_estimate, rloo_advantages,
+                              whiten)
 from jalign.models.config import ModelConfig
-from jalign.steps.common import shifted_logprobs
+from jalign.models.heads import scalar_model_init_fn, sequence_scores, token_values
+from jalign.models.transformer import decoder_init_fn
+from jalign.steps.common import decoder_logprob_fn, shifted_logprobs
 from jalign.steps.preference import make_dpo_step
-from jalign.steps.rl import make_policy_gradient_step
+from jalign.steps.rl import decoder_value_fn, make_policy_gradient_step, make_ppo_step
+from jalign.tasks import get_task
 
 
 def make_reward_fn(config, model_cfg: ModelConfig, tokenizer, task) -> Callable:
@@ -53,7 +61,6 @@ def make_reward_fn(config, model_cfg: ModelConfig, tokenizer, task) -> Callable:
         elif source == "model":
             fns.append(_reward_model_fn(config, model_cfg, tokenizer))
         elif source.startswith("python:"):
-            import importlib
             module, _, name = source[len("python:"):].rpartition(".")
             fns.append(getattr(importlib.import_module(module), name))
         else:
@@ -70,11 +77,6 @@ def make_reward_fn(config, model_cfg: ModelConfig, tokenizer, task) -> Callable:
 
 def _reward_model_fn(config, model_cfg, tokenizer):
     """Serves a trained reward model (config.rl.reward_model) as a batched text -> score function."""
-    from jalign.checkpoint import load_params
-    from jalign.data.sft import tokenize_prompt_completion
-    from jalign.models.heads import scalar_model_init_fn, sequence_scores
-    import flax.linen as nn
-
     if not config.rl.reward_model:
         raise ValueError("reward source 'model' needs config.rl.reward_model (a reward stage's "
                          "WORKDIR/final_params)")
@@ -201,7 +203,6 @@ def _policy_gradient_batch_fn(model_cfg: ModelConfig, rl, algo: str):
 
 def _rl_inputs(config, model_cfg: ModelConfig):
     """(tokenizer, task, training prompts, reward function) of an online-RL run."""
-    from jalign.tasks import get_task
     if config.data.source != "task":
         raise ValueError(f"config.algo={config.algo!r} samples prompts from a built-in task; set "
                          "config.data.source='task'")
@@ -212,8 +213,7 @@ def _rl_inputs(config, model_cfg: ModelConfig):
     return tokenizer, task, prompts, make_reward_fn(config, model_cfg, tokenizer, task)
 
 
-def _setup(config, model_cfg: ModelConfig, workdir: str, *, online_dpo: bool,
-           inputs=None) -> AlgorithmSetup:
+def _setup(config, model_cfg: ModelConfig, *, online_dpo: bool, inputs=None) -> AlgorithmSetup:
     tokenizer, task, prompts, reward_fn = inputs or _rl_inputs(config, model_cfg)
     rl = config.rl
     sampler = make_sampler(model_cfg, tokenizer, max_new_tokens=rl.max_new_tokens,
@@ -232,8 +232,7 @@ def _setup(config, model_cfg: ModelConfig, workdir: str, *, online_dpo: bool,
                                        batch, scores)
         return batch, {**metrics, **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
 
-    return AlgorithmSetup(tokenizer=tokenizer,
-                          dataset=_prompt_dataset(prompts, config.data.batch_size, config.seed),
+    return AlgorithmSetup(dataset=_prompt_dataset(prompts, config.data.batch_size, config.seed),
                           load_params=load_start_params(config),
                           with_reference=online_dpo or rl.kl_beta > 0,
                           evaluate=task_evaluator(config, model_cfg, tokenizer, task),
@@ -255,32 +254,44 @@ def _preference_batch(batch, rewards, group):
     return out
 
 
-def grpo_setup(config, model_cfg, workdir):
-    return _setup(config, model_cfg, workdir, online_dpo=False)
+def rl_spec(config) -> None:
+    """GRPO, RLOO and PPO read config.rl where they use it."""
+    del config
 
 
-def online_dpo_setup(config, model_cfg, workdir):
-    return _setup(config, model_cfg, workdir, online_dpo=True)
+def online_dpo_spec(config) -> PreferenceSpec:
+    """Online DPO's pairwise loss: config.dpo read as for offline DPO (loss mixes,
+    label smoothing, f-divergences), with the start policy as the reference."""
+    return pair_spec(config, online=True)
 
 
-def grpo_step(config, model_cfg, optimizer, schedule, setup):
+def grpo_setup(config, model_cfg, spec, workdir):
+    del spec, workdir
+    return _setup(config, model_cfg, online_dpo=False)
+
+
+def online_dpo_setup(config, model_cfg, spec, workdir):
+    del spec, workdir
+    return _setup(config, model_cfg, online_dpo=True)
+
+
+def grpo_step(config, model_cfg, spec, optimizer):
+    del spec
     rl = config.rl
     loss_kwargs = dict(clip_eps_low=rl.clip_eps_low, clip_eps_high=rl.clip_eps_high,
                        loss_aggregation=rl.loss_aggregation,
                        kl_beta=0.0 if config.algo == "rloo" else rl.kl_beta,
                        kl_estimator=rl.kl_estimator, max_completion_length=rl.max_new_tokens,
                        sequence_level_ratio=config.algo == "rloo")
-    return make_policy_gradient_step(model_cfg, optimizer, loss_kwargs=loss_kwargs,
-                                     num_iterations=rl.num_iterations,
-                                     num_minibatches=rl.num_minibatches, schedule=schedule,
-                                     logprob_impl=config.train.logprob_impl)
+    return make_policy_gradient_step(
+        decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl), optimizer,
+        loss_kwargs=loss_kwargs, num_iterations=rl.num_iterations,
+        num_minibatches=rl.num_minibatches)
 
 
-def online_dpo_step(config, model_cfg, optimizer, schedule, setup):
-    loss_fn = functools.partial(losses.dpo_loss, loss_type=config.dpo.loss_type, beta=config.dpo.beta)
-    return make_dpo_step(model_cfg, optimizer, loss_fn=loss_fn, reference="params",
-                         schedule=schedule, logprob_impl=config.train.logprob_impl)
-
+def online_dpo_step(config, model_cfg, spec: PreferenceSpec, optimizer):
+    return make_dpo_step(decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl),
+                         optimizer, loss_fn=spec.loss_fn, reference=spec.reference)
 
 
 # --------------------------------------------------------------------- PPO with a critic
@@ -292,9 +303,6 @@ def _ppo_batch_fn(model_cfg: ModelConfig, rl):
     per-token rewards -kl_coef * KL_t plus the score on the last completion token,
     and each sequence's KL to the reference `kl`.
     """
-    from jalign.losses.rl import gae_advantages, kl_estimate, whiten
-    from jalign.models.heads import token_values
-
     def finish(params, frozen, batch, scores_B):
         mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
         ref_logps = shifted_logprobs(frozen["reference"], model_cfg, batch)[0]
@@ -315,14 +323,11 @@ def _ppo_batch_fn(model_cfg: ModelConfig, rl):
     return jax.jit(finish)
 
 
-def ppo_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
+def ppo_setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
     """PPO: policy + separate critic (a scalar model, from the reward model if given)."""
-    from jalign.checkpoint import load_params
-    from jalign.models.heads import scalar_model_init_fn
-    from jalign.train import decoder_init_fn
-
+    del spec, workdir
     inputs = _rl_inputs(config, model_cfg)  # one reward function (and reward model) for both
-    base = _setup(config, model_cfg, workdir, online_dpo=False, inputs=inputs)
+    base = _setup(config, model_cfg, online_dpo=False, inputs=inputs)
     rl = config.rl
     tokenizer, reward_fn = inputs[0], inputs[3]
     sampler = make_sampler(model_cfg, tokenizer, max_new_tokens=rl.max_new_tokens,
@@ -363,12 +368,12 @@ def ppo_setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
     return base
 
 
-def ppo_step(config, model_cfg, optimizer, schedule, setup):
-    from jalign.steps.rl import make_ppo_step
+def ppo_step(config, model_cfg, spec, optimizer):
+    del spec
     rl = config.rl
-    return make_ppo_step(model_cfg, optimizer, clip_eps=rl.clip_eps_low, value_clip=rl.value_clip,
-                         vf_coef=rl.vf_coef, entropy_coef=rl.entropy_coef,
-                         num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches,
-                         kl_target=rl.kl_target or None,
-                         kl_horizon=rl.kl_horizon, schedule=schedule,
-                         logprob_impl=config.train.logprob_impl)
+    return make_ppo_step(
+        decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl, with_stats=True),
+        decoder_value_fn(model_cfg), optimizer, clip_eps=rl.clip_eps_low,
+        value_clip=rl.value_clip, vf_coef=rl.vf_coef, entropy_coef=rl.entropy_coef,
+        num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches,
+        kl_target=rl.kl_target or None, kl_horizon=rl.kl_horizon)

@@ -5,7 +5,11 @@ from __future__ import annotations
 from jalign.algorithms.common import (AlgorithmSetup, check_vocab, load_start_params,
                                       load_tokenizer, report_skips, summarize_run,
                                       task_evaluator)
+from jalign.data import SkipReport, load_records, make_sft_dataset, tokenizable_sft_records
 from jalign.models.config import ModelConfig
+from jalign.steps.common import decoder_logprob_fn
+from jalign.steps.sft import make_sft_step
+from jalign.tasks import get_task
 
 
 def sft_records(config, tokenizer):
@@ -15,11 +19,9 @@ def sft_records(config, tokenizer):
     fills max_length, a chat template that raises on the row) are raised or, under
     `on_bad_row="skip"`, counted in the same report as the file's bad rows, once.
     """
-    from jalign.data import SkipReport, load_records, tokenizable_sft_records
     data = config.data
     task, report = None, SkipReport()
     if data.source == "task":
-        from jalign.tasks import get_task
         task = get_task(data.task)
         records = task.demonstrations(data.num_train_examples, seed=config.seed,
                                       quality=data.demo_quality)
@@ -37,8 +39,13 @@ def sft_records(config, tokenizer):
     return task, records, report
 
 
-def setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
-    from jalign.data import make_sft_dataset
+def spec(config) -> None:
+    """SFT reads no algorithm section."""
+    del config
+
+
+def setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
+    del spec, workdir
     tokenizer = load_tokenizer(config)
     check_vocab(model_cfg, tokenizer)
     task, records, report = sft_records(config, tokenizer)
@@ -56,14 +63,15 @@ def setup(config, model_cfg: ModelConfig, workdir: str) -> AlgorithmSetup:
             # Several processes must agree on the padded width: one bucket then.
             bucket_boundaries=(data.max_length,) if process_count > 1 else None)
 
-    return AlgorithmSetup(tokenizer=tokenizer, dataset=dataset,
+    return AlgorithmSetup(dataset=dataset,
                           load_params=load_start_params(config),
                           evaluate=task_evaluator(config, model_cfg, tokenizer, task),
                           summarize=summarize_run("sft", skip_report=report))
 
 
-def make_step(config, model_cfg, optimizer, schedule, setup):
-    from jalign.steps.sft import make_sft_step
-    return make_sft_step(model_cfg, optimizer, schedule=schedule,
-                         grad_accum_steps=config.optimizer.grad_accum_steps,
-                         logprob_impl=config.train.logprob_impl)
+def make_step(config, model_cfg, spec, optimizer):
+    del spec
+    logprob_fn = decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl,
+                                    with_stats=True)
+    return make_sft_step(logprob_fn, optimizer,
+                         grad_accum_steps=config.optimizer.grad_accum_steps)

@@ -1,4 +1,22 @@
-"""Pieces shared by every step factory: policy log-probs and gradient accumulation."""
+"""Pieces every step factory shares: log-prob functions, the gradient-update core.
+
+A step factory takes a *log-prob function*, so it works with any model:
+
+    logprob_fn(params, batch, rng=None) -> logps_BxT  float32 [B, T-1]
+
+Position t of the result scores token t+1 of `batch["tokens"]` given tokens <= t
+(the step masks it with `batch["loss_mask"][:, 1:]`). `rng` is a PRNG key for
+training-time randomness (e.g. LoRA dropout); a function without dropout ignores
+it. `decoder_logprob_fn` is jalign's, for its decoder; `colabs/embed.py` shows one
+for a user's own Flax model.
+
+The update core: a step writes its objective as a *sum* over examples plus
+additive statistics, `sum_loss_fn(params, batch) -> (loss_sum, sums)`, where
+`sums["count"]` is the normaliser (tokens for SFT, real pairs for DPO, 1 for a
+loss that is already a mean). `gradient_update` takes the gradient over one or
+several microbatches (sums add up, so k microbatches give exactly the big batch's
+result), divides by the count and applies the optimizer.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +24,21 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from jalign import lora
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import Decoder, unembedding
 from jalign.ops import token_logprobs
+from jalign.state import TrainState
 
-
-def model_params(params: Any, frozen: Mapping[str, Any] | None) -> Any:
-    """The model's params as a loss sees them: with LoRA, the trained adapters over
-    `frozen["base"]` (a dict union; gradients reach only the adapters)."""
-    if frozen and "base" in frozen:
-        return lora.merge(frozen["base"], params)
-    return params
-
-
-def reference_params(frozen: Mapping[str, Any], subtree: str | None = None) -> Any:
-    """The frozen reference: `frozen["reference"]`, or with LoRA the base model with
-    its adapters disabled (`frozen["base"]`, or its `subtree`), so no copy exists."""
-    if "reference" in frozen:
-        return frozen["reference"]
-    base = frozen["base"]
-    return base[subtree] if subtree else base
+# Statistics that are totals, not means: never divided by the count.
+ADDITIVE_METRICS = ("num_tokens",)
 
 
 def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.Array], *,
                      logprob_impl: str = "auto", with_stats: bool = False,
                      dropout_rng: jax.Array | None = None):
-    """Per-token log-probs of each next token: [B, T-1] float32, plus a mask.
+    """jalign's decoder: per-token log-probs of each next token [B, T-1] float32, plus a mask.
 
     Position t of the result scores token t+1 given tokens <= t. The mask is
     `loss_mask[:, 1:]`, so prompt tokens and segment starts are never scored.
@@ -59,7 +64,35 @@ def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.A
     return out.logps, mask_BxT, {"entropy": out.entropy, "is_argmax": is_argmax_BxT}
 
 
-def split_microbatches(batch: Mapping[str, jax.Array], num: int) -> dict[str, jax.Array]:
+def decoder_logprob_fn(config: ModelConfig, *, logprob_impl: str = "auto",
+                       with_stats: bool = False) -> Callable:
+    """jalign's decoder as a log-prob function `(params, batch, rng=None) -> logps [B, T-1]`.
+
+    With `with_stats` it returns a dict {"logps", "entropy", "is_argmax"} instead (the
+    SFT step reads the extra per-token statistics for its metrics when present).
+    """
+    def fn(params, batch, rng=None):
+        out = shifted_logprobs(params, config, batch, logprob_impl=logprob_impl,
+                               with_stats=with_stats, dropout_rng=rng)
+        if with_stats:
+            return {"logps": out[0], **out[2]}
+        return out[0]
+    return fn
+
+
+def split_logprob_output(out) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A log-prob function's output as (logps [B, T-1], per-token stats dict)."""
+    if isinstance(out, Mapping):
+        return out["logps"], {k: v for k, v in out.items() if k != "logps"}
+    return out, {}
+
+
+def completion_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The scored positions of a log-prob function's output: `loss_mask[:, 1:]`, float32."""
+    return batch["loss_mask"][:, 1:].astype(jnp.float32)
+
+
+def split_rows(batch: Mapping[str, jax.Array], num: int) -> dict[str, jax.Array]:
     """[B, ...] -> [num, B/num, ...] for every array in the batch."""
     def split(x):
         if x.shape[0] % num:
@@ -70,27 +103,45 @@ def split_microbatches(batch: Mapping[str, jax.Array], num: int) -> dict[str, ja
 
 
 def accumulate_gradients(sum_loss_fn: Callable, params: Any, batch: Mapping[str, jax.Array],
-                         num_microbatches: int):
-    """Gradients of a loss written as (sum over examples, sums dict) over microbatches.
+                         num_microbatches: int, split: Callable = split_rows):
+    """Summed `(loss_sum, sums)` and gradients of `sum_loss_fn` over microbatches.
 
-    `sum_loss_fn(params, batch) -> (loss_sum, sums)` where `sums` is a dict of
-    additive statistics (it must contain "count", the normaliser). Returns the
-    summed (loss, sums) and summed gradients; since everything is a sum,
-    accumulating k microbatches gives the same result as one big batch.
+    `split(batch, num)` gives every array a leading [num] axis (`split_rows`, or a
+    split that keeps related rows together, such as a pair's chosen and rejected).
+    Since everything is a sum, k microbatches give the same result as one batch.
     """
     grad_fn = jax.value_and_grad(sum_loss_fn, has_aux=True)
     if num_microbatches == 1:
         return grad_fn(params, batch)
-    micro = split_microbatches(batch, num_microbatches)
+    micro = split(batch, num_microbatches)
 
     def body(carry, mb):
-        (loss, sums), grads = grad_fn(params, mb)
-        acc_loss, acc_sums, acc_grads = carry
-        return (acc_loss + loss, jax.tree.map(jnp.add, acc_sums, sums),
-                jax.tree.map(jnp.add, acc_grads, grads)), None
+        return jax.tree.map(jnp.add, carry, grad_fn(params, mb)), None
 
-    first = jax.tree.map(lambda x: x[0], micro)
-    rest = jax.tree.map(lambda x: x[1:], micro)
-    (loss, sums), grads = grad_fn(params, first)
-    (loss, sums, grads), _ = jax.lax.scan(body, (loss, sums, grads), rest)
-    return (loss, sums), grads
+    first = grad_fn(params, jax.tree.map(lambda x: x[0], micro))
+    out, _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
+    return out
+
+
+def gradient_update(optimizer: optax.GradientTransformation, state: TrainState,
+                    sum_loss_fn: Callable, batch: Mapping[str, jax.Array], *,
+                    num_microbatches: int = 1, split: Callable = split_rows):
+    """The one optimizer update every step uses.
+
+    `sum_loss_fn(params, batch) -> (loss_sum, sums)` is taken w.r.t. `state.params`
+    (with LoRA: the adapters; the closure merges them over the frozen base with
+    `model_params`). Returns the state with new params and optimizer state (its
+    `step` unchanged: a train step may take several updates) and the metrics:
+    `loss` = loss_sum / count, every entry of `sums` divided by the count except
+    the totals in `ADDITIVE_METRICS`, and `grad_norm` (before clipping).
+    """
+    (loss_sum, sums), grads = accumulate_gradients(sum_loss_fn, state.params, batch,
+                                                   num_microbatches, split)
+    sums = dict(sums)
+    count = jnp.maximum(sums.pop("count"), 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    metrics = {k: v if k in ADDITIVE_METRICS else v / count for k, v in sums.items()}
+    metrics.update(loss=loss_sum / count, grad_norm=optax.global_norm(grads))
+    return state.replace(params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state), metrics

@@ -1,10 +1,13 @@
 """Reward-model, DPO-family and KTO steps over preference batches.
 
 Batches follow jalign.data.preference: rows of `tokens`, `loss_mask`,
-`segment_ids`, `positions` plus `sequence_index` (2*pair for chosen tokens,
-2*pair+1 for rejected ones, -1 on padding) and `pair_mask` [B]. Padded and
-packed (padding-free) batches are handled alike: per-sequence sums are segment
-sums over `sequence_index`, so one forward pass covers chosen and rejected.
+`segment_ids`, `positions` [R, T] plus `sequence_index` [R, T] (2p for pair p's
+chosen tokens, 2p+1 for its rejected ones, -1 on padding) and `pair_mask` [B]
+(1 for real pairs, 0 for filler slots). Padded and packed (padding-free) batches
+are handled alike: per-sequence sums are segment sums over `sequence_index`, so
+one forward pass covers chosen and rejected, and every metric counts real pairs
+only (the losses' `mask=`), so a packed and a padded batch of the same pairs give
+the same metrics.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import optax
 
 from jalign.models.config import ModelConfig
 from jalign.models.heads import sequence_scores
-from jalign.state import TrainState
-from jalign.steps.common import model_params, reference_params, shifted_logprobs
+from jalign.state import TrainState, model_params, reference_params
+from jalign.steps.common import completion_mask, gradient_update, split_logprob_output
 
 
 def sequence_sums(values_RxT, mask_RxT, sequence_index_RxT, num_sequences: int):
@@ -30,29 +33,26 @@ def sequence_sums(values_RxT, mask_RxT, sequence_index_RxT, num_sequences: int):
     return out[:num_sequences]
 
 
-def sequence_logps(params, config: ModelConfig, batch: Mapping[str, jax.Array], num_sequences: int,
-                   *, prefix: str = "", logprob_impl: str = "auto",
-                   dropout_rng: jax.Array | None = None):
-    """Summed completion log-probs and completion lengths per sequence ([S], [S])."""
+def sequence_logp_sums(logprob_fn: Callable, params, batch: Mapping[str, jax.Array],
+                       num_sequences: int, *, prefix: str = "", rng: jax.Array | None = None):
+    """Summed completion log-probs and completion lengths per sequence ([S], [S]).
+
+    `prefix` reads the rows `prefix + key` of the batch (KTO's "kl_" rows).
+    """
     view = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)} if prefix else batch
-    logps_RxT, mask_RxT = shifted_logprobs(params, config, view, logprob_impl=logprob_impl,
-                                           dropout_rng=dropout_rng)
+    logps_RxT = split_logprob_output(logprob_fn(params, view, rng))[0]
+    mask_RxT = completion_mask(view)
     seq_RxT = view["sequence_index"][:, 1:]
     return (sequence_sums(logps_RxT, mask_RxT, seq_RxT, num_sequences),
             sequence_sums(jnp.ones_like(logps_RxT), mask_RxT, seq_RxT, num_sequences))
 
 
-def _pair_mean(losses_B, pair_mask_B):
-    return jnp.sum(losses_B * pair_mask_B) / jnp.maximum(pair_mask_B.sum(), 1.0)
-
-
-def _apply(optimizer, state: TrainState, grads, metrics, schedule, **replace):
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-    if schedule is not None:
-        metrics["learning_rate"] = schedule(state.step)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state, **replace), metrics
+def _pair_sums(losses_B, metrics, pair_mask_B, num_tokens):
+    """A per-pair loss and its (masked-mean) metrics as the update core's sums."""
+    count = pair_mask_B.sum()
+    sums = {k: v * count for k, v in metrics.items()}
+    sums.update(count=count, num_tokens=num_tokens)
+    return jnp.where(pair_mask_B > 0, losses_B, 0.0).sum(), sums
 
 
 def pair_microbatches(batch: Mapping[str, jax.Array], num: int) -> dict[str, jax.Array]:
@@ -73,96 +73,85 @@ def pair_microbatches(batch: Mapping[str, jax.Array], num: int) -> dict[str, jax
     return micro
 
 
-def accumulate_pair_gradients(loss: Callable, params, batch, num: int):
-    """`value_and_grad(loss, has_aux=True)(params, batch)` taken over `num` microbatches.
-
-    `loss(params, batch) -> (mean over the real pairs (pair_mask), metrics)` with
-    per-batch-mean metrics (and "num_tokens", a sum). Pair-weighted accumulation gives
-    the full batch's loss and gradients for every per-pair loss (not for losses that
-    compare pairs across the batch, e.g. loss_type aot).
-    """
-    grad_fn = jax.value_and_grad(lambda p, mb: _weighted(loss, p, mb), has_aux=True)
-    if num == 1:
-        return jax.value_and_grad(loss, has_aux=True)(params, batch)
-    micro = pair_microbatches(batch, num)
-    first = grad_fn(params, jax.tree.map(lambda x: x[0], micro))
-
-    def body(carry, mb):
-        return jax.tree.map(jnp.add, carry, grad_fn(params, mb)), None
-
-    ((value, (metrics, weight)), grads), _ = jax.lax.scan(
-        body, first, jax.tree.map(lambda x: x[1:], micro))
-    weight = jnp.maximum(weight, 1.0)
-    metrics = {k: v if k == "num_tokens" else v / num for k, v in metrics.items()}
-    return (value / weight, metrics), jax.tree.map(lambda g: g / weight, grads)
+def decoder_score_fn(config: ModelConfig) -> Callable:
+    """jalign's scalar model as a score function `(params, batch) -> scores [2B]`: each
+    sequence's score at its last token, in `sequence_index` order."""
+    return lambda params, batch: sequence_scores(params, config, batch,
+                                                 2 * batch["pair_mask"].shape[0])
 
 
-def _weighted(loss, params, batch):
-    value, metrics = loss(params, batch)
-    weight = batch["pair_mask"].sum()
-    return value * weight, (metrics, weight)
+def make_reward_step(score_fn: Callable, optimizer: optax.GradientTransformation, *,
+                     loss_fn: Callable, grad_accum_steps: int = 1) -> Callable:
+    """Bradley-Terry reward-model step.
 
+    Args:
+        score_fn: `(params, batch) -> scores [2B]` (sequence 2p = pair p's chosen,
+            2p+1 its rejected), e.g. `decoder_score_fn(model_cfg)`.
+        loss_fn: `(chosen_rewards, rejected_rewards, *, mask, [margin]) -> (losses_B,
+            metrics)`, e.g. `functools.partial(jalign.losses.reward_loss,
+            center_rewards_coefficient=0.01)`; the optional per-pair margin is read
+            from `batch["margin"]` when present.
+        grad_accum_steps: microbatches of consecutive pairs (padded batches).
 
-def make_reward_step(config: ModelConfig, optimizer: optax.GradientTransformation, *,
-                     loss_fn: Callable, schedule: optax.Schedule | None = None,
-                     grad_accum_steps: int = 1) -> Callable:
-    """Bradley-Terry reward-model step: `loss_fn(chosen_rewards, rejected_rewards)`.
-
-    `loss_fn` is e.g. `functools.partial(jalign.losses.reward_loss,
-    center_rewards_coefficient=0.01)`; the optional per-pair margin is read from
-    `batch["margin"]` when present. Scores are read at each sequence's last token.
+    Metrics: the loss's (accuracy, margin, ...; means over real pairs), loss,
+    num_tokens, grad_norm.
     """
 
-    def loss(params, batch):
-        num_pairs = batch["pair_mask"].shape[0]
-        scores = sequence_scores(params, config, batch, 2 * num_pairs)
+    def sum_loss(params, batch):
+        scores = score_fn(params, batch)
         kwargs = {"margin": batch["margin"]} if "margin" in batch else {}
-        losses, metrics = loss_fn(scores[0::2], scores[1::2], **kwargs)
+        losses, metrics = loss_fn(scores[0::2], scores[1::2], mask=batch["pair_mask"], **kwargs)
         num_tokens = (batch["segment_ids"] > 0).sum().astype(jnp.float32)
-        return _pair_mean(losses, batch["pair_mask"]), dict(metrics, num_tokens=num_tokens)
+        return _pair_sums(losses, metrics, batch["pair_mask"], num_tokens)
 
     def step(state: TrainState, batch):
-        (value, metrics), grads = accumulate_pair_gradients(
-            lambda p, b: loss(model_params(p, state.frozen), b), state.params, batch,
-            grad_accum_steps)
-        return _apply(optimizer, state, grads, dict(metrics, loss=value), schedule)
+        state, metrics = gradient_update(
+            optimizer, state, lambda p, b: sum_loss(model_params(p, state.frozen), b), batch,
+            num_microbatches=grad_accum_steps, split=pair_microbatches)
+        return state.replace(step=state.step + 1), metrics
 
     return step
 
 
-def make_dpo_step(config: ModelConfig, optimizer: optax.GradientTransformation, *,
+REFERENCE_MODES = ("params", "precomputed", "none")
+
+
+def make_dpo_step(logprob_fn: Callable, optimizer: optax.GradientTransformation, *,
                   loss_fn: Callable, reference: str = "params", ref_sync_every: int = 0,
-                  ref_sync_mixup: float = 1.0, schedule: optax.Schedule | None = None,
-                  logprob_impl: str = "auto", grad_accum_steps: int = 1) -> Callable:
+                  ref_sync_mixup: float = 1.0, grad_accum_steps: int = 1) -> Callable:
     """DPO-family step: one forward over chosen and rejected, any pairwise loss.
 
-    `loss_fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-    chosen_lengths, rejected_lengths) -> (losses_B, metrics)`, e.g. a partial of
-    `jalign.losses.dpo_loss` (any loss_type), or a reference-free loss wrapped to
-    ignore the reference (SimPO, CPO, ORPO).
+    Args:
+        logprob_fn: `(params, batch, rng=None) -> logps [R, T-1]` (see
+            `jalign.steps.common`), e.g. `decoder_logprob_fn(model_cfg)`.
+        loss_fn: `(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+            *, chosen_lengths, rejected_lengths, mask) -> (losses_B, metrics)`, e.g. a
+            partial of `jalign.losses.dpo_loss` (any loss_type), or a reference-free
+            loss wrapped to ignore the reference (SimPO, CPO, ORPO). `mask` is
+            `batch["pair_mask"]`: metrics must count real pairs only.
+        reference:
+          "params"      -- reference log-probs from `state.frozen["reference"]` (a
+                           frozen tree sharded like the policy, no optimizer state;
+                           with LoRA the base model, adapters disabled);
+          "precomputed" -- from `batch["ref_chosen_logps"]` / `batch["ref_rejected_logps"]`;
+          "none"        -- reference-free losses: zeros are passed.
+        ref_sync_every, ref_sync_mixup: TR-DPO (Gorbatovski et al. 2024): every N > 0
+            steps the reference becomes `mixup * policy + (1 - mixup) * reference`.
+        grad_accum_steps: microbatches of consecutive pairs (padded batches).
 
-    reference:
-      "params"      -- reference log-probs from `state.frozen["reference"]`
-                       (a frozen tree sharded like the policy, no optimizer state);
-      "precomputed" -- from `batch["ref_chosen_logps"]` / `batch["ref_rejected_logps"]`;
-      "none"        -- reference-free losses: zeros are passed.
-    TR-DPO (Gorbatovski et al. 2024): with `ref_sync_every` = N > 0 the reference
-    is replaced every N steps by `mixup * policy + (1 - mixup) * reference`.
-    `grad_accum_steps` > 1 takes the gradient over that many microbatches of pairs
-    (padded batches; see `accumulate_pair_gradients`).
+    Metrics: the loss's (rewards/chosen, rewards/rejected, rewards/accuracies,
+    rewards/margins, logps/chosen, logps/rejected for dpo_loss), loss, num_tokens
+    (completion tokens), grad_norm.
     """
-    if reference not in ("params", "precomputed", "none"):
-        raise ValueError(f"reference must be 'params', 'precomputed' or 'none', got {reference!r}")
+    if reference not in REFERENCE_MODES:
+        raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
     if ref_sync_every and reference != "params":
         raise ValueError("TR-DPO reference syncing (ref_sync_every > 0) needs reference='params'")
-    if ref_sync_every and config.lora_rank:
-        raise ValueError("TR-DPO reference syncing (config.dpo.ref_sync_every > 0) does not apply "
-                         "to LoRA runs, whose reference is the base model (model.lora_rank > 0)")
 
     def reference_logps(state, batch, num_pairs):
         if reference == "params":
-            ref, _ = sequence_logps(reference_params(state.frozen), config, batch, 2 * num_pairs,
-                                    logprob_impl=logprob_impl)
+            ref, _ = sequence_logp_sums(logprob_fn, reference_params(state.frozen), batch,
+                                        2 * num_pairs)
             ref = jax.lax.stop_gradient(ref)
             return ref[0::2], ref[1::2]
         if reference == "precomputed":
@@ -170,22 +159,22 @@ def make_dpo_step(config: ModelConfig, optimizer: optax.GradientTransformation, 
         zeros = jnp.zeros((num_pairs,), jnp.float32)
         return zeros, zeros
 
-    def loss(params, state, batch):
+    def sum_loss(params, state, batch):
         num_pairs = batch["pair_mask"].shape[0]
-        logps, lengths = sequence_logps(model_params(params, state.frozen), config, batch,
-                                        2 * num_pairs, logprob_impl=logprob_impl,
-                                        dropout_rng=state.step_rng())
+        logps, lengths = sequence_logp_sums(logprob_fn, model_params(params, state.frozen), batch,
+                                            2 * num_pairs, rng=state.step_rng())
         ref_c, ref_r = reference_logps(state, batch, num_pairs)
         losses, metrics = loss_fn(logps[0::2], logps[1::2], ref_c, ref_r,
                                   chosen_lengths=jnp.maximum(lengths[0::2], 1.0),
-                                  rejected_lengths=jnp.maximum(lengths[1::2], 1.0))
-        metrics = dict(metrics, num_tokens=lengths.sum())
-        return _pair_mean(losses, batch["pair_mask"]), metrics
+                                  rejected_lengths=jnp.maximum(lengths[1::2], 1.0),
+                                  mask=batch["pair_mask"])
+        return _pair_sums(losses, metrics, batch["pair_mask"], lengths.sum())
 
     def step(state: TrainState, batch):
-        (value, metrics), grads = accumulate_pair_gradients(
-            lambda p, b: loss(p, state, b), state.params, batch, grad_accum_steps)
-        new_state, metrics = _apply(optimizer, state, grads, dict(metrics, loss=value), schedule)
+        new_state, metrics = gradient_update(
+            optimizer, state, lambda p, b: sum_loss(p, state, b), batch,
+            num_microbatches=grad_accum_steps, split=pair_microbatches)
+        new_state = new_state.replace(step=state.step + 1)
         if ref_sync_every:
             sync = (new_state.step % ref_sync_every) == 0
             mixed = jax.tree.map(
@@ -197,54 +186,59 @@ def make_dpo_step(config: ModelConfig, optimizer: optax.GradientTransformation, 
     return step
 
 
-def make_kto_step(config: ModelConfig, optimizer: optax.GradientTransformation, *,
-                  loss_fn: Callable, reference: str = "params",
-                  schedule: optax.Schedule | None = None, logprob_impl: str = "auto") -> Callable:
-    """KTO step over unpaired batches (`label` [B], mismatched `kl_*` rows for z0).
+def make_kto_step(logprob_fn: Callable, optimizer: optax.GradientTransformation, *,
+                  loss_fn: Callable, reference: str = "params") -> Callable:
+    """KTO step over unpaired batches.
 
-    `loss_fn(logps, ref_logps, desirable, *, kl_logps, ref_kl_logps)`, e.g. a
-    partial of `jalign.losses.kto_loss`. reference is "params" or "precomputed"
-    (`batch["ref_logps"]`, `batch["ref_kl_logps"]`).
+    Args:
+        logprob_fn: as for `make_dpo_step`.
+        loss_fn: `(logps, ref_logps, desirable, *, kl_logps, ref_kl_logps, mask)`, e.g.
+            a partial of `jalign.losses.kto_loss`.
+        reference: "params" (`state.frozen["reference"]`) or "precomputed"
+            (`batch["ref_logps"]`, `batch["ref_kl_logps"]`).
+
+    The batch holds B rows (`sequence_index` = the example's slot), `label` [B]
+    (1 desirable), `pair_mask` [B] and the mismatched `kl_*` rows for KTO's
+    reference point z0 (see jalign.data.preference). Metrics: the loss's, loss,
+    num_tokens, grad_norm.
     """
     if reference not in ("params", "precomputed"):
         raise ValueError(f"KTO reference must be 'params' or 'precomputed', got {reference!r}")
 
-    def loss(params, state, batch):
+    def sum_loss(params, state, batch):
         n = batch["pair_mask"].shape[0]
         params = model_params(params, state.frozen)
-        logps, lengths = sequence_logps(params, config, batch, n, logprob_impl=logprob_impl,
-                                        dropout_rng=state.step_rng())
-        kl_logps, _ = sequence_logps(params, config, batch, n, prefix="kl_",
-                                     logprob_impl=logprob_impl)
+        logps, lengths = sequence_logp_sums(logprob_fn, params, batch, n, rng=state.step_rng())
+        kl_logps, _ = sequence_logp_sums(logprob_fn, params, batch, n, prefix="kl_")
         if reference == "params":
             ref = reference_params(state.frozen)
-            ref_logps = sequence_logps(ref, config, batch, n, logprob_impl=logprob_impl)[0]
-            ref_kl = sequence_logps(ref, config, batch, n, prefix="kl_", logprob_impl=logprob_impl)[0]
+            ref_logps = sequence_logp_sums(logprob_fn, ref, batch, n)[0]
+            ref_kl = sequence_logp_sums(logprob_fn, ref, batch, n, prefix="kl_")[0]
         else:
             ref_logps, ref_kl = batch["ref_logps"], batch["ref_kl_logps"]
         desirable = (batch["label"] > 0) & (batch["pair_mask"] > 0)
         losses, metrics = loss_fn(logps, jax.lax.stop_gradient(ref_logps), desirable,
-                                  kl_logps=kl_logps, ref_kl_logps=jax.lax.stop_gradient(ref_kl))
-        return _pair_mean(losses, batch["pair_mask"]), dict(metrics, num_tokens=lengths.sum())
+                                  kl_logps=kl_logps, ref_kl_logps=jax.lax.stop_gradient(ref_kl),
+                                  mask=batch["pair_mask"])
+        return _pair_sums(losses, metrics, batch["pair_mask"], lengths.sum())
 
     def step(state: TrainState, batch):
-        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state, batch)
-        return _apply(optimizer, state, grads, dict(metrics, loss=value), schedule)
+        new_state, metrics = gradient_update(optimizer, state,
+                                             lambda p, b: sum_loss(p, state, b), batch)
+        return new_state.replace(step=state.step + 1), metrics
 
     return step
 
 
-def reference_logps_fn(config: ModelConfig, *, paired: bool = True,
-                       logprob_impl: str = "auto") -> Callable[[Any, Mapping], dict]:
+def reference_logps_fn(logprob_fn: Callable, *, paired: bool = True) -> Callable[[Any, Mapping], dict]:
     """(params, batch) -> the reference log-probs a precompute pass stores next to the data."""
 
     def fn(params, batch):
         n = batch["pair_mask"].shape[0]
         if paired:
-            logps, _ = sequence_logps(params, config, batch, 2 * n, logprob_impl=logprob_impl)
+            logps, _ = sequence_logp_sums(logprob_fn, params, batch, 2 * n)
             return {"ref_chosen_logps": logps[0::2], "ref_rejected_logps": logps[1::2]}
-        return {"ref_logps": sequence_logps(params, config, batch, n, logprob_impl=logprob_impl)[0],
-                "ref_kl_logps": sequence_logps(params, config, batch, n, prefix="kl_",
-                                               logprob_impl=logprob_impl)[0]}
+        return {"ref_logps": sequence_logp_sums(logprob_fn, params, batch, n)[0],
+                "ref_kl_logps": sequence_logp_sums(logprob_fn, params, batch, n, prefix="kl_")[0]}
 
     return fn

@@ -3,7 +3,7 @@
 A rollout batch (built by jalign.algorithms.rl from sampled completions) holds
 `tokens`, `loss_mask` (completion tokens, EOS included), `segment_ids`,
 `positions` [N, T], `advantages` [N], `old_logps` [N, T-1] (the behaviour policy's
-log-probs of each next token, aligned like jalign.steps.common.shifted_logprobs)
+log-probs of each next token, aligned like a log-prob function's output)
 and, when a KL term is used, `ref_logps` [N, T-1].
 
 Both steps run `num_iterations` epochs over the rollout batch; with
@@ -27,8 +27,8 @@ import optax
 from jalign.losses.rl import aggregate, clipped_policy_loss, clipped_value_loss
 from jalign.models.config import ModelConfig
 from jalign.models.heads import token_values
-from jalign.state import TrainState
-from jalign.steps.common import model_params, shifted_logprobs
+from jalign.state import TrainState, model_params
+from jalign.steps.common import completion_mask, gradient_update, split_logprob_output
 
 
 # Folded into the step RNG for the minibatch shuffle (the rollout uses 17).
@@ -77,52 +77,58 @@ def _check_counts(num_iterations: int, num_minibatches: int) -> None:
 
 
 def _make_update(loss, optimizer):
-    """One optimizer step on `loss(params, batch, dropout_rng)`. With LoRA the
-    gradients are taken w.r.t. the adapters over the frozen base."""
+    """One optimizer step (the shared core) on `loss(params, batch, rng) -> (mean, metrics)`.
+    With LoRA the gradients are taken w.r.t. the adapters over the frozen base."""
     def update(state: TrainState, batch):
-        (value, metrics), grads = jax.value_and_grad(
-            lambda p: loss(model_params(p, state.frozen), batch, state.step_rng()),
-            has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        metrics = dict(metrics, loss=value, grad_norm=optax.global_norm(grads))
-        return state.replace(params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state), metrics
+        rng = state.step_rng()
+
+        def sum_loss(params, batch):  # already a mean: a count of 1
+            value, metrics = loss(model_params(params, state.frozen), batch, rng)
+            return value, dict(metrics, count=jnp.float32(1.0))
+        return gradient_update(optimizer, state, sum_loss, batch)
     return update
 
 
-def make_policy_gradient_step(config: ModelConfig, optimizer: optax.GradientTransformation, *,
+def _finish_step(state: TrainState, batch, metrics, **replace):
+    metrics["num_tokens"] = completion_mask(batch).sum()
+    return state.replace(step=state.step + 1, **replace), metrics
+
+
+def make_policy_gradient_step(logprob_fn: Callable, optimizer: optax.GradientTransformation, *,
                               loss_kwargs: dict | None = None, num_iterations: int = 1,
-                              num_minibatches: int = 1, schedule: optax.Schedule | None = None,
-                              logprob_impl: str = "auto") -> Callable:
+                              num_minibatches: int = 1) -> Callable:
     """Returns `step(state, batch) -> (state, metrics)` doing `num_iterations` epochs.
 
-    Each update minimises `jalign.losses.rl.clipped_policy_loss` (keyword options in
-    `loss_kwargs`: clip_eps_low/high, dual_clip, loss_aggregation, kl_beta,
-    kl_estimator, max_completion_length, sequence_level_ratio) on the rollout batch
-    or, with `num_minibatches` > 1, on each of its shuffled minibatches in turn (see
-    `run_epochs`); later updates see importance ratios != 1 (TRL's `num_iterations`).
+    Args:
+        logprob_fn: `(params, batch, rng=None) -> logps [N, T-1]` (see
+            `jalign.steps.common`), e.g. `decoder_logprob_fn(model_cfg)`.
+        loss_kwargs: keyword options of `jalign.losses.rl.clipped_policy_loss`
+            (clip_eps_low/high, dual_clip, loss_aggregation, kl_beta, kl_estimator,
+            max_completion_length, sequence_level_ratio, ...).
+        num_iterations, num_minibatches: epochs over the rollout batch and shuffled
+            minibatches per epoch, one update each (see `run_epochs`); later updates
+            see importance ratios != 1 (TRL's `num_iterations`).
+
+    The batch is the rollout layout of this module's docstring (`ref_logps` only
+    when `kl_beta` > 0). Metrics: clipped_policy_loss's, loss, grad_norm (last
+    epoch, averaged over its minibatches) and num_tokens.
     """
     _check_counts(num_iterations, num_minibatches)
     loss_kwargs = dict(loss_kwargs or {})
     use_ref = loss_kwargs.get("kl_beta", 0.0) > 0
 
     def loss(params, batch, rng):
-        logps, mask = shifted_logprobs(params, config, batch, logprob_impl=logprob_impl,
-                                       dropout_rng=rng)
-        value, metrics = clipped_policy_loss(
-            logps, batch["old_logps"], batch["advantages"], mask,
+        logps = split_logprob_output(logprob_fn(params, batch, rng))[0]
+        return clipped_policy_loss(
+            logps, batch["old_logps"], batch["advantages"], completion_mask(batch),
             ref_logps_BxT=batch["ref_logps"] if use_ref else None, **loss_kwargs)
-        return value, metrics
 
     update = _make_update(loss, optimizer)
 
     def step(state: TrainState, batch):
         state, metrics = run_epochs(update, state, batch, num_iterations=num_iterations,
                                     num_minibatches=num_minibatches)
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(state.step)
-        metrics["num_tokens"] = batch["loss_mask"][:, 1:].sum().astype("float32")
-        return state.replace(step=state.step + 1), metrics
+        return _finish_step(state, batch, metrics)
 
     return step
 
@@ -133,53 +139,72 @@ def adaptive_kl_coef(coef, observed_kl, *, target: float, horizon: float, n_step
     return coef * (1.0 + error * n_steps / horizon)
 
 
-def make_ppo_step(config: ModelConfig, optimizer: optax.GradientTransformation, *,
+def decoder_value_fn(config: ModelConfig) -> Callable:
+    """jalign's scalar model as a value function `(params, batch) -> values [N, T]`."""
+    return lambda params, batch: token_values(params, config, batch)
+
+
+def make_ppo_step(logprob_fn: Callable, value_fn: Callable,
+                  optimizer: optax.GradientTransformation, *,
                   clip_eps: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1,
                   entropy_coef: float = 0.0, dual_clip: float | None = None,
                   num_iterations: int = 4, num_minibatches: int = 1,
-                  kl_target: float | None = None,
-                  kl_horizon: float = 10000.0, schedule: optax.Schedule | None = None,
-                  logprob_impl: str = "auto") -> Callable:
-    """PPO with a critic: `state.params = {"policy": decoder, "critic": scalar model}`.
+                  kl_target: float | None = None, kl_horizon: float = 10000.0) -> Callable:
+    """PPO with a critic: `state.params = {"policy": ..., "critic": ...}`.
+
+    Args:
+        logprob_fn: the policy's `(params["policy"], batch, rng=None) -> logps [N, T-1]`;
+            it must return a dict with per-token "entropy" next to "logps" when
+            `entropy_coef` != 0 (`decoder_logprob_fn(model_cfg, with_stats=True)`).
+        value_fn: the critic's `(params["critic"], batch) -> values [N, T]` (the value
+            of the prefix ending at each token), e.g. `decoder_value_fn(model_cfg)`.
+        clip_eps, dual_clip, value_clip, vf_coef, entropy_coef: the clipped surrogate,
+            its dual clip, the clipped value loss and the loss weights.
+        num_iterations, num_minibatches: see `run_epochs`.
+        kl_target, kl_horizon: with `kl_target`, the KL coefficient in
+            `state.frozen["kl_coef"]` adapts once per rollout batch (Ziegler et al. 2019).
 
     The rollout batch adds `advantages` [N, T-1] (whitened GAE), `returns` and
-    `old_values` [N, T-1], `old_logps` and each sequence's KL to the reference `kl` [N].
-    Each of `num_iterations` epochs minimises clipped policy loss + vf_coef * clipped
-    value loss - entropy_coef * entropy over the batch, or over each of its
-    `num_minibatches` shuffled minibatches in turn (see `run_epochs`). With
-    `kl_target`, the KL coefficient in `state.frozen["kl_coef"]` adapts once per
-    rollout batch (Ziegler et al. 2019).
+    `old_values` [N, T-1], `old_logps` and each sequence's KL to the reference `kl`
+    [N]. Each update minimises clipped policy loss + vf_coef * clipped value loss -
+    entropy_coef * entropy. Metrics: TRL's PPO names (loss/policy_avg,
+    loss/value_avg, objective/entropy, objective/kl_coef, ...), loss, grad_norm,
+    num_tokens.
     """
     _check_counts(num_iterations, num_minibatches)
 
     def loss(params, batch, rng):
-        logps, mask, stats = shifted_logprobs(params["policy"], config, batch, dropout_rng=rng,
-                                              logprob_impl=logprob_impl, with_stats=True)
+        logps, stats = split_logprob_output(logprob_fn(params["policy"], batch, rng))
+        mask = completion_mask(batch)
         policy_loss, metrics = clipped_policy_loss(
             logps, batch["old_logps"], batch["advantages"], mask, clip_eps_low=clip_eps,
             dual_clip=dual_clip, loss_aggregation="bnpo")
-        values = token_values(params["critic"], config, batch)[:, :-1]
+        values = value_fn(params["critic"], batch)[:, :-1]
         value_loss, value_metrics = clipped_value_loss(values, batch["old_values"], batch["returns"],
                                                        mask, clip=value_clip)
-        entropy = aggregate(stats["entropy"], mask, mode="bnpo")
-        total = policy_loss + vf_coef * value_loss - entropy_coef * entropy
-        return total, {**metrics, **value_metrics, "loss/policy_avg": policy_loss,
-                       "loss/value_avg": value_loss, "objective/entropy": entropy}
+        total = policy_loss + vf_coef * value_loss
+        metrics = {**metrics, **value_metrics, "loss/policy_avg": policy_loss,
+                   "loss/value_avg": value_loss}
+        if "entropy" in stats:
+            entropy = aggregate(stats["entropy"], mask, mode="bnpo")
+            total = total - entropy_coef * entropy
+            metrics["objective/entropy"] = entropy
+        elif entropy_coef:
+            raise ValueError("entropy_coef != 0 needs a logprob_fn that returns per-token "
+                             "'entropy' (decoder_logprob_fn(..., with_stats=True))")
+        return total, metrics
 
     update = _make_update(loss, optimizer)
 
     def step(state: TrainState, batch):
         state, metrics = run_epochs(update, state, batch, num_iterations=num_iterations,
                                     num_minibatches=num_minibatches)
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(state.step)
         frozen = dict(state.frozen)
         metrics["objective/kl_coef"] = frozen["kl_coef"]
         if kl_target is not None:
             n = batch["loss_mask"].shape[0]
             frozen["kl_coef"] = adaptive_kl_coef(frozen["kl_coef"], batch["kl"].mean(), target=kl_target,
                                                  horizon=kl_horizon, n_steps=n)
-        metrics["num_tokens"] = batch["loss_mask"][:, 1:].sum().astype(jnp.float32)
-        return state.replace(step=state.step + 1, frozen=frozen), metrics
+        return _finish_step(state, batch, metrics, frozen=frozen)
 
     return step

@@ -4,58 +4,51 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import optax
 
-from jalign.models.config import ModelConfig
-from jalign.state import TrainState
-from jalign.steps.common import accumulate_gradients, model_params, shifted_logprobs
+from jalign.state import TrainState, model_params
+from jalign.steps.common import completion_mask, gradient_update, split_logprob_output
 
 
-def make_sft_step(config: ModelConfig, optimizer: optax.GradientTransformation, *,
-                  schedule: optax.Schedule | None = None, grad_accum_steps: int = 1,
-                  logprob_impl: str = "auto") -> Callable:
+def make_sft_step(logprob_fn: Callable, optimizer: optax.GradientTransformation, *,
+                  grad_accum_steps: int = 1) -> Callable:
     """Returns a pure `step(state, batch) -> (state, metrics)` for SFT.
 
-    The loss is the mean negative log-likelihood over every completion token in
-    the batch (TRL's token-level average). `batch` holds `tokens`, `loss_mask`,
-    `segment_ids` and `positions`, each [B, T] (see jalign.data). Packed and padded
-    batches are handled alike: only positions with loss_mask 1 are scored.
+    Args:
+        logprob_fn: `(params, batch, rng=None) -> logps [B, T-1]` (see
+            `jalign.steps.common`), e.g. `decoder_logprob_fn(model_cfg, with_stats=True)`.
+            If it returns a dict with per-token "entropy" and "is_argmax" next to
+            "logps", the entropy and mean_token_accuracy metrics are reported too.
+        optimizer: an optax transformation over `state.params`.
+        grad_accum_steps: microbatches per step (rows split evenly; the result
+            equals the whole batch's).
 
-    Metrics: loss, num_tokens, mean_token_accuracy, entropy, grad_norm,
-    learning_rate (TRL's names).
+    The loss is the mean negative log-likelihood over every completion token in the
+    batch (TRL's token-level average). `batch` holds int32 [B, T] `tokens`,
+    `loss_mask` (1 on completion tokens) and, for jalign's decoder, `segment_ids`
+    and `positions` (see jalign.data); packed and padded batches alike.
+
+    Metrics: loss, num_tokens, grad_norm, and with the statistics above
+    mean_token_accuracy and entropy (TRL's names).
     """
 
     def sum_loss(params, batch, rng):
-        logps, mask, stats = shifted_logprobs(params, config, batch, logprob_impl=logprob_impl,
-                                              with_stats=True, dropout_rng=rng)
-        sums = {
-            "count": mask.sum(),
-            "correct": jnp.where(mask > 0, stats["is_argmax"], False).sum().astype(jnp.float32),
-            "entropy": jnp.where(mask > 0, stats["entropy"], 0.0).sum(),
-        }
-        return -jnp.where(mask > 0, logps, 0.0).sum(), sums
+        logps, stats = split_logprob_output(logprob_fn(params, batch, rng))
+        keep = completion_mask(batch) > 0
+        count = keep.sum().astype(jnp.float32)
+        sums = {"count": count, "num_tokens": count}
+        if "is_argmax" in stats:
+            sums["mean_token_accuracy"] = (keep & stats["is_argmax"]).sum().astype(jnp.float32)
+        if "entropy" in stats:
+            sums["entropy"] = jnp.where(keep, stats["entropy"], 0.0).sum()
+        return -jnp.where(keep, logps, 0.0).sum(), sums
 
     def step(state: TrainState, batch):
         rng = state.step_rng()
-        (loss_sum, sums), grads = accumulate_gradients(
-            lambda p, b: sum_loss(model_params(p, state.frozen), b, rng), state.params, batch,
-            grad_accum_steps)
-        count = jnp.maximum(sums["count"], 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss_sum / count,
-            "num_tokens": sums["count"],
-            "mean_token_accuracy": sums["correct"] / count,
-            "entropy": sums["entropy"] / count,
-            "grad_norm": optax.global_norm(grads),
-        }
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(state.step)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, metrics
+        state, metrics = gradient_update(
+            optimizer, state, lambda p, b: sum_loss(model_params(p, state.frozen), b, rng), batch,
+            num_microbatches=grad_accum_steps)
+        return state.replace(step=state.step + 1), metrics
 
     return step

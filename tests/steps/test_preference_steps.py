@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from jalign.steps import decoder_logprob_fn, decoder_score_fn
 from jalign import losses
 from jalign import sharding as shd
 from jalign.data import make_preference_dataset, preference_records_from_dicts
@@ -18,7 +19,8 @@ from jalign.models.transformer import Decoder, unembedding
 from jalign.steps.preference import make_dpo_step, make_reward_step, reference_logps_fn
 from jalign.tasks import get_task
 from jalign.tokenizer import builtin_tokenizer
-from jalign.train import decoder_init_fn, init_train_state
+from jalign.models import decoder_init_fn
+from jalign.state import init_train_state
 
 CFG = ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   intermediate_size=48)
@@ -60,7 +62,7 @@ def test_dpo_step_matches_independent_sigmoid_dpo():
     # Make the policy differ from the reference so the loss is not log 2.
     state = state.replace(params=jax.tree.map(lambda p: p * 1.05, state.params))
     batch = _batches(1)[0]
-    step = jax.jit(make_dpo_step(CFG, opt, loss_fn=functools.partial(losses.dpo_loss, beta=0.1)))
+    step = jax.jit(make_dpo_step(decoder_logprob_fn(CFG), opt, loss_fn=functools.partial(losses.dpo_loss, beta=0.1)))
     _, metrics = step(state, batch)
     pi, _ = _numpy_sequence_logps(state.params, batch)
     ref, _ = _numpy_sequence_logps(state.frozen["reference"], batch)
@@ -73,7 +75,7 @@ def test_dpo_step_matches_independent_sigmoid_dpo():
 def test_packed_and_padded_batches_give_the_same_pair_logps():
     params = jax.device_get(init_train_state(decoder_init_fn(CFG), optax.sgd(0.0), _mesh(),
                                              shd.DEFAULT_RULES, seed=0)[0].params)
-    fn = jax.jit(reference_logps_fn(CFG))
+    fn = jax.jit(reference_logps_fn(decoder_logprob_fn(CFG)))
     padded = {}
     for b in _batches(4):
         out = fn(params, b)
@@ -97,10 +99,10 @@ def test_precomputed_reference_gives_the_same_trajectory():
     batches = _batches(4)
     state, _ = init_train_state(decoder_init_fn(CFG), opt, _mesh(), shd.DEFAULT_RULES, seed=0,
                                 with_reference=True)
-    ref_fn = jax.jit(reference_logps_fn(CFG))
+    ref_fn = jax.jit(reference_logps_fn(decoder_logprob_fn(CFG)))
     pre = [dict(b, **jax.device_get(ref_fn(state.params, b))) for b in batches]
-    online = jax.jit(make_dpo_step(CFG, opt, loss_fn=loss_fn, reference="params"))
-    offline = jax.jit(make_dpo_step(CFG, opt, loss_fn=loss_fn, reference="precomputed"))
+    online = jax.jit(make_dpo_step(decoder_logprob_fn(CFG), opt, loss_fn=loss_fn, reference="params"))
+    offline = jax.jit(make_dpo_step(decoder_logprob_fn(CFG), opt, loss_fn=loss_fn, reference="precomputed"))
     s1, s2 = state, state.replace(frozen=None)
     for b_online, b_pre in zip(batches, pre):
         s1, m1 = online(s1, b_online)
@@ -113,7 +115,7 @@ def test_precomputed_reference_gives_the_same_trajectory():
 def test_reward_step_reads_last_token_and_learns():
     opt = optax.adam(3e-3)
     state, _ = init_train_state(scalar_model_init_fn(CFG), opt, _mesh(), shd.DEFAULT_RULES, seed=0)
-    step = jax.jit(make_reward_step(CFG, opt, loss_fn=losses.reward_loss))
+    step = jax.jit(make_reward_step(decoder_score_fn(CFG), opt, loss_fn=losses.reward_loss))
     batch = _batches(1)[0]
     first = None
     for _ in range(60):
@@ -156,7 +158,7 @@ def test_dpo_step_sharded_equals_single_device(mesh_shape):
         state = state.replace(params=jax.tree.map(lambda p: p * 1.05, state.params))
         old = jax.device_get(state.params)
         ds = shd.data_sharding(mesh, shd.DEFAULT_RULES)
-        step = jax.jit(make_dpo_step(CFG, opt, loss_fn=loss_fn),
+        step = jax.jit(make_dpo_step(decoder_logprob_fn(CFG), opt, loss_fn=loss_fn),
                        in_shardings=(shardings, ds), out_shardings=(shardings, shd.replicated(mesh)))
         with jax.set_mesh(mesh):
             new, metrics = step(state, jax.device_put(batch, ds))
@@ -171,7 +173,7 @@ def test_tr_dpo_syncs_the_reference_every_n_steps():
     opt = optax.sgd(1e-2)
     state, _ = init_train_state(decoder_init_fn(CFG), opt, _mesh(), shd.DEFAULT_RULES, seed=0,
                                 with_reference=True)
-    step = jax.jit(make_dpo_step(CFG, opt, loss_fn=functools.partial(losses.dpo_loss, beta=0.1),
+    step = jax.jit(make_dpo_step(decoder_logprob_fn(CFG), opt, loss_fn=functools.partial(losses.dpo_loss, beta=0.1),
                                  ref_sync_every=2, ref_sync_mixup=0.5))
     batch = _batches(1)[0]
     ref0 = state.frozen["reference"]
@@ -188,11 +190,11 @@ def test_gradient_accumulation_over_pairs_equals_the_full_batch(kind):
     opt = optax.sgd(0.5)
     if kind == "dpo":
         init = decoder_init_fn(CFG)
-        make = functools.partial(make_dpo_step, CFG, opt,
+        make = functools.partial(make_dpo_step, decoder_logprob_fn(CFG), opt,
                                  loss_fn=functools.partial(losses.dpo_loss, beta=0.1))
     else:
         init = scalar_model_init_fn(CFG)
-        make = functools.partial(make_reward_step, CFG, opt, loss_fn=losses.reward_loss)
+        make = functools.partial(make_reward_step, decoder_score_fn(CFG), opt, loss_fn=losses.reward_loss)
     state, _ = init_train_state(init, opt, _mesh(), shd.DEFAULT_RULES, seed=0,
                                 with_reference=kind == "dpo")
     state = state.replace(params=jax.tree.map(lambda p: p * 1.05, state.params))
@@ -208,3 +210,35 @@ def test_gradient_accumulation_over_pairs_equals_the_full_batch(kind):
                  four.params, one.params)
     with pytest.raises(ValueError, match="padded batches"):
         jax.jit(make(grad_accum_steps=2))(state, _batches(1, packing=True)[0])
+
+
+@pytest.mark.parametrize("kind", ["dpo", "reward"])
+def test_packed_and_padded_batches_of_the_same_pairs_give_the_same_metrics(kind):
+    # Two packed rows hold fewer pairs than the 8 slots, so the packed batch has filler
+    # slots (pair_mask 0) that must not count in any metric.
+    packed = _batches(1, packing=True, batch_size=8)[0]
+    real = np.asarray(packed["pair_mask"]) > 0
+    assert 0 < real.sum() < real.size
+    ids = np.asarray(packed["example_index"])[real]
+    records = [dict(_records()[i], _index=int(i)) for i in ids]
+    padded = _batches(1, batch_size=len(records), records=records)[0]
+    np.testing.assert_array_equal(padded["example_index"], ids)
+    opt = optax.sgd(0.0)
+    if kind == "dpo":
+        init, loss_fn = decoder_init_fn(CFG), functools.partial(losses.dpo_loss, beta=0.1)
+        make = functools.partial(make_dpo_step, decoder_logprob_fn(CFG), opt, loss_fn=loss_fn)
+        keys = ("loss", "num_tokens", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+                "rewards/rejected", "logps/chosen", "logps/rejected")
+    else:
+        init, make = scalar_model_init_fn(CFG), functools.partial(
+            make_reward_step, decoder_score_fn(CFG), opt, loss_fn=losses.reward_loss)
+        keys = ("loss", "num_tokens", "accuracy", "margin", "rewards/chosen", "rewards/rejected")
+    state, _ = init_train_state(init, opt, _mesh(), shd.DEFAULT_RULES, seed=0,
+                                with_reference=kind == "dpo")
+    # A policy unlike its reference (DPO) and a non-zero score head (reward): metrics move.
+    state = state.replace(params=jax.tree.map(lambda p: p * 1.05 + 0.01, state.params))
+    step = jax.jit(make())
+    m_packed, m_padded = step(state, packed)[1], step(state, padded)[1]
+    for key in keys:
+        np.testing.assert_allclose(m_packed[key], m_padded[key], rtol=1e-5, atol=1e-6,
+                                   err_msg=key)

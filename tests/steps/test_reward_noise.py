@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import optax
 
+from jalign.steps import decoder_score_fn
 from jalign import losses
 from jalign import sharding as shd
 from jalign.data import make_preference_dataset, preference_records_from_dicts
@@ -14,7 +15,7 @@ from jalign.models.heads import scalar_model_init_fn, sequence_scores
 from jalign.steps.preference import make_reward_step
 from jalign.tasks import get_task
 from jalign.tokenizer import builtin_tokenizer
-from jalign.train import init_train_state
+from jalign.state import init_train_state
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   intermediate_size=128)
@@ -34,7 +35,7 @@ def _held_out_accuracy(label_noise, evals=(150, 200, 250)):
     opt = optax.adam(1e-3)
     mesh = shd.make_mesh({"fsdp": 1}, jax.devices()[:1])
     state, _ = init_train_state(scalar_model_init_fn(CFG), opt, mesh, shd.DEFAULT_RULES, seed=0)
-    step = jax.jit(make_reward_step(CFG, opt, loss_fn=functools.partial(
+    step = jax.jit(make_reward_step(decoder_score_fn(CFG), opt, loss_fn=functools.partial(
         losses.reward_loss, center_rewards_coefficient=0.01)))
     score = jax.jit(lambda p, b: sequence_scores(p, CFG, b, 2 * b["pair_mask"].shape[0]))
     eval_batches = list(_dataset("eval", 0.0, num_epochs=1))

@@ -7,11 +7,13 @@ import numpy as np
 import optax
 import pytest
 
+from jalign.steps import decoder_logprob_fn, decoder_value_fn
 from jalign import sharding as shd
 from jalign.models.config import ModelConfig
 from jalign.models.heads import scalar_model_init_fn
 from jalign.steps.rl import make_policy_gradient_step, make_ppo_step
-from jalign.train import decoder_init_fn, init_train_state
+from jalign.models import decoder_init_fn
+from jalign.state import init_train_state
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   intermediate_size=48)
@@ -59,7 +61,7 @@ def test_ppo_iteration_sharded_equals_single_device(mesh_shape):
                                             with_reference="policy",
                                             frozen_extra={"kl_coef": jnp.float32(0.05)})
         ds = shd.data_sharding(mesh, shd.DEFAULT_RULES)
-        step = jax.jit(make_ppo_step(CFG, opt, num_iterations=2, kl_target=6.0, entropy_coef=0.01),
+        step = jax.jit(make_ppo_step(decoder_logprob_fn(CFG, with_stats=True), decoder_value_fn(CFG), opt, num_iterations=2, kl_target=6.0, entropy_coef=0.01),
                        in_shardings=(shardings, ds), out_shardings=(shardings, shd.replicated(mesh)))
         with jax.set_mesh(mesh):
             new, metrics = step(state, jax.device_put(batch, ds))
@@ -84,7 +86,7 @@ def test_grpo_first_update_is_the_policy_gradient():
     batch["old_logps"] = np.asarray(jax.jit(lambda p, b: shifted_logprobs(p, CFG, b)[0])(
         state.params, batch))
     batch["advantages"] = np.linspace(-1, 1, batch["tokens"].shape[0]).astype(np.float32)
-    step = jax.jit(make_policy_gradient_step(CFG, opt, loss_kwargs={"loss_aggregation": "bnpo"}))
+    step = jax.jit(make_policy_gradient_step(decoder_logprob_fn(CFG), opt, loss_kwargs={"loss_aggregation": "bnpo"}))
     _, metrics = step(state, batch)
     mask = batch["loss_mask"][:, 1:]
     want = -(batch["advantages"][:, None] * mask).sum() / mask.sum()
@@ -119,8 +121,8 @@ def test_one_minibatch_epochs_are_repeated_full_batch_updates():
     """num_minibatches=1: two epochs in one step == two one-epoch steps, in order, unshuffled."""
     opt = optax.adam(1e-2)
     batch = _rollout_batch()
-    two = jax.jit(make_ppo_step(CFG, opt, num_iterations=2, entropy_coef=0.01))
-    one = jax.jit(make_ppo_step(CFG, opt, num_iterations=1, entropy_coef=0.01))
+    two = jax.jit(make_ppo_step(decoder_logprob_fn(CFG, with_stats=True), decoder_value_fn(CFG), opt, num_iterations=2, entropy_coef=0.01))
+    one = jax.jit(make_ppo_step(decoder_logprob_fn(CFG, with_stats=True), decoder_value_fn(CFG), opt, num_iterations=1, entropy_coef=0.01))
     state = _ppo_state(opt)
     want_state, _ = one(state, batch)
     want_state, want_metrics = one(want_state, batch)
@@ -137,8 +139,8 @@ def test_minibatch_metrics_at_zero_learning_rate_equal_the_full_batch(num_miniba
     opt = optax.sgd(0.0)
     batch = _equal_length_batch()
     state = _ppo_state(opt)
-    full = jax.jit(make_ppo_step(CFG, opt, num_iterations=2))(state, batch)[1]
-    split = jax.jit(make_ppo_step(CFG, opt, num_iterations=2, num_minibatches=num_minibatches))(
+    full = jax.jit(make_ppo_step(decoder_logprob_fn(CFG, with_stats=True), decoder_value_fn(CFG), opt, num_iterations=2))(state, batch)[1]
+    split = jax.jit(make_ppo_step(decoder_logprob_fn(CFG, with_stats=True), decoder_value_fn(CFG), opt, num_iterations=2, num_minibatches=num_minibatches))(
         state, batch)[1]
     for key in ("loss", "loss/policy_avg", "loss/value_avg", "objective/entropy",
                 "policy/approxkl_avg", "policy/clipfrac_avg", "val/clipfrac_avg"):
@@ -152,8 +154,8 @@ def test_policy_gradient_minibatches_share_the_implementation():
     batch = dict(_equal_length_batch(), advantages=np.linspace(-1, 1, 8).astype(np.float32))
     state = _single_device_state(decoder_init_fn(CFG), opt)
     kwargs = dict(loss_kwargs={"loss_aggregation": "grpo"}, num_iterations=2)
-    full = jax.jit(make_policy_gradient_step(CFG, opt, **kwargs))(state, batch)[1]
-    split = jax.jit(make_policy_gradient_step(CFG, opt, num_minibatches=4, **kwargs))(state, batch)[1]
+    full = jax.jit(make_policy_gradient_step(decoder_logprob_fn(CFG), opt, **kwargs))(state, batch)[1]
+    split = jax.jit(make_policy_gradient_step(decoder_logprob_fn(CFG), opt, num_minibatches=4, **kwargs))(state, batch)[1]
     for key in ("loss", "policy/approxkl_avg", "policy/clipfrac_avg"):
         np.testing.assert_allclose(split[key], full[key], rtol=1e-5, atol=1e-7, err_msg=key)
 
@@ -161,7 +163,7 @@ def test_policy_gradient_minibatches_share_the_implementation():
 def test_k_minibatches_take_k_optimizer_steps_shuffled_by_the_step_rng():
     opt = optax.adam(1e-2)
     batch = _rollout_batch()
-    step = jax.jit(make_ppo_step(CFG, opt, num_iterations=3, num_minibatches=2))
+    step = jax.jit(make_ppo_step(decoder_logprob_fn(CFG, with_stats=True), decoder_value_fn(CFG), opt, num_iterations=3, num_minibatches=2))
     state = _ppo_state(opt)
     new, _ = step(state, batch)
     assert int(new.opt_state[0].count) == 3 * 2
@@ -176,8 +178,8 @@ def test_k_minibatches_take_k_optimizer_steps_shuffled_by_the_step_rng():
 
 def test_batch_that_does_not_split_into_minibatches_is_named():
     opt = optax.sgd(0.0)
-    step = make_ppo_step(CFG, opt, num_minibatches=3)
+    step = make_ppo_step(decoder_logprob_fn(CFG, with_stats=True), decoder_value_fn(CFG), opt, num_minibatches=3)
     with pytest.raises(ValueError, match=r"rollout batch of 8 sequences .*config.rl.num_minibatches=3"):
         jax.jit(step)(_ppo_state(opt), _rollout_batch())
     with pytest.raises(ValueError, match="config.rl.num_minibatches"):
-        make_policy_gradient_step(CFG, opt, num_minibatches=0)
+        make_policy_gradient_step(decoder_logprob_fn(CFG), opt, num_minibatches=0)

@@ -7,11 +7,13 @@ import numpy as np
 import optax
 import pytest
 
+from jalign.steps import decoder_logprob_fn
 from jalign import sharding as shd
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import Decoder, unembedding
 from jalign.steps.sft import make_sft_step
-from jalign.train import decoder_init_fn, init_train_state
+from jalign.models import decoder_init_fn
+from jalign.state import init_train_state
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   intermediate_size=48)
@@ -44,7 +46,7 @@ def test_loss_is_token_mean_nll_of_completion_tokens():
     mesh = shd.make_mesh({"fsdp": 1}, jax.devices()[:1])
     state, _ = _state(mesh, opt)
     batch = _batch()
-    _, metrics = jax.jit(make_sft_step(CFG, opt))(state, batch)
+    _, metrics = jax.jit(make_sft_step(decoder_logprob_fn(CFG, with_stats=True), opt))(state, batch)
     hidden = Decoder(CFG).apply({"params": state.params}, batch["tokens"])
     with jax.default_matmul_precision("highest"):
         logits = np.asarray(hidden[:, :-1] @ unembedding(state.params, CFG), np.float64)
@@ -68,8 +70,8 @@ def test_gradient_accumulation_equals_full_batch():
     batch = _batch()
     s1, _ = _state(mesh, opt)
     s2, _ = _state(mesh, opt)
-    out1, m1 = jax.jit(make_sft_step(CFG, opt))(s1, batch)
-    out4, m4 = jax.jit(make_sft_step(CFG, opt, grad_accum_steps=4))(s2, batch)
+    out1, m1 = jax.jit(make_sft_step(decoder_logprob_fn(CFG, with_stats=True), opt))(s1, batch)
+    out4, m4 = jax.jit(make_sft_step(decoder_logprob_fn(CFG, with_stats=True), opt, grad_accum_steps=4))(s2, batch)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
     chex.assert_trees_all_close(out1.opt_state, out4.opt_state, rtol=1e-5, atol=1e-8)
 
@@ -84,7 +86,7 @@ def test_sharded_step_equals_single_device(mesh_shape):
         mesh = shd.make_mesh(shape, devices)
         state, shardings = _state(mesh, opt)
         data_sharding = shd.data_sharding(mesh, shd.DEFAULT_RULES)
-        step = jax.jit(make_sft_step(CFG, opt), in_shardings=(shardings, data_sharding),
+        step = jax.jit(make_sft_step(decoder_logprob_fn(CFG, with_stats=True), opt), in_shardings=(shardings, data_sharding),
                        out_shardings=(shardings, shd.replicated(mesh)))
         with jax.set_mesh(mesh):
             new_state, metrics = step(state, jax.device_put(batch, data_sharding))
