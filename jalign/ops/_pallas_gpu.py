@@ -20,7 +20,7 @@ one vocabulary chunk ([N, chunk] in the matmul dtype, chunk sized to about
 256 MiB), and XLA's matmuls (cuBLAS) add dz W^T into a float32 dh and form
 h^T dz for that chunk of dW. FLOPs 6NHV, two thirds of them in cuBLAS.
 
-Under a mesh the op runs in the same shard_map wrapper as the TPU kernels.
+Under a mesh the op runs in the shard_map wrapper of `_sharded`, as the TPU kernels do.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from jalign.ops._pallas_tpu import (TOKEN_AXES, VOCAB_AXIS, finish, out_struct,
-                                    sharded_outputs, vary_alike)
 from jalign.ops._reference import transform_logits
+from jalign.ops._sharded import (TOKEN_AXES, VOCAB_AXIS, finish, out_struct, round_up,
+                                 sharded_outputs, vary_alike)
 
 _NEG_BIG = float(jnp.finfo(jnp.float32).min)  # finite initial max: see _chunked
 _NN = (((1,), (0,)), ((), ()))
@@ -61,10 +61,6 @@ class GpuConfig:
     interpret: bool
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def _pow2_block(size: int, cap: int) -> int:
     """A power of two >= 16 (tl.dot's minimum): cap rounded down, or less for small sizes."""
     return max(16, min(pl.next_power_of_2(max(size, 1)), 1 << (max(cap, 1).bit_length() - 1)))
@@ -78,9 +74,9 @@ def plan(n: int, hidden: int, vocab: int, dtype, *, temperature: float,
     bk = _pow2_block(hidden, 64)
     # Split the vocabulary into equal chunks of whole blocks, each dz chunk about
     # _DZ_CHUNK_BYTES, so padding wastes less than one block per chunk.
-    per_chunk = max(bv, _DZ_CHUNK_BYTES // (_round_up(n, bt) * jnp.dtype(dtype).itemsize))
+    per_chunk = max(bv, _DZ_CHUNK_BYTES // (round_up(n, bt) * jnp.dtype(dtype).itemsize))
     n_chunks = -(-vocab // per_chunk)
-    chunk = _round_up(-(-vocab // n_chunks), bv)
+    chunk = round_up(-(-vocab // n_chunks), bv)
     return GpuConfig(temperature=float(temperature),
                      logit_softcap=None if logit_softcap is None else float(logit_softcap),
                      with_entropy=bool(with_entropy), vocab=int(vocab), block_tokens=bt,
@@ -168,8 +164,8 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: GpuConfig, name):
 
 def _pad(h, w, t, cfg: GpuConfig, vocab_multiple: int):
     (n, hidden), vocab = h.shape, w.shape[1]
-    n_p, h_p = _round_up(n, cfg.block_tokens), _round_up(hidden, cfg.block_hidden)
-    v_p = _round_up(vocab, vocab_multiple)
+    n_p, h_p = round_up(n, cfg.block_tokens), round_up(hidden, cfg.block_hidden)
+    v_p = round_up(vocab, vocab_multiple)
     if (n_p, h_p) != (n, hidden):
         h = jnp.pad(h, ((0, n_p - n), (0, h_p - hidden)))
     if (h_p, v_p) != (hidden, vocab):

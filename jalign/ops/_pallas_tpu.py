@@ -19,31 +19,26 @@ H are zero-padded to block multiples: padded tokens get target -1, padded
 columns are masked to -inf in the forward; in the backward they meet zero
 columns of W (no effect on dh) and their dW is sliced off.
 
-Mosaic kernels are not partitioned by XLA. Under a mesh (`jax.set_mesh`) the op
-runs in shard_map: tokens over "data"/"fsdp", the vocabulary over "tensor" when
-it divides. Vocabulary shards combine partial target logit / lse / max /
-entropy with psum and pmax (`_combine`); autodiff of that combination feeds
-each shard's kernels, and the shard_map transpose sums dh over "tensor" and dW
-over the token axes.
+Mosaic kernels are not partitioned by XLA: under a mesh the op runs in the
+shard_map wrapper of `_sharded` (tokens over "data"/"fsdp", the vocabulary over
+"tensor" when it divides).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
-from jalign.ops._reference import project_logits, transform_logits, valid_targets
+from jalign.ops._reference import project_logits, transform_logits
+from jalign.ops._sharded import (TOKEN_AXES, VOCAB_AXIS, finish, out_struct, round_up,
+                                 sharded_outputs, vary_alike)
 
-TOKEN_AXES = ("data", "fsdp")
-VOCAB_AXIS = "tensor"
 _NEG_BIG = float(jnp.finfo(jnp.float32).min)  # finite initial max: see _chunked
 _MiB = 1 << 20
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -61,10 +56,6 @@ class TpuConfig:
     block_vocab: int
     vmem_limit_bytes: int
     interpret: object = False  # False, True (generic interpreter) or pltpu.InterpretParams
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _vmem_capacity() -> int:
@@ -87,7 +78,7 @@ def _vmem_bytes(bt: int, bv: int, hidden: int, itemsize: int) -> int:
 def _fit_block(size: int, block: int, unit: int) -> int:
     """`block` rounded up to `unit`; a divisor of `size` (no padding copy) when one
     of at least half the block exists, e.g. vocab 128256 -> 384 for block 512."""
-    block = _round_up(min(block, size), unit)
+    block = round_up(min(block, size), unit)
     if size % unit == 0:
         for b in range(block, max(unit, block // 2) - 1, -unit):
             if size % b == 0:
@@ -101,7 +92,7 @@ def plan(n: int, hidden: int, vocab: int, dtype, *, temperature: float,
     """Legal, VMEM-fitting blocks and the VMEM limit for an [n, hidden] x [hidden, vocab] call."""
     itemsize = jnp.dtype(dtype).itemsize
     sublanes = 8 * max(1, 4 // itemsize)  # bf16 packs 16 rows per tile
-    hidden_p = _round_up(hidden, 128)
+    hidden_p = round_up(hidden, 128)
     budget = _vmem_capacity() * 3 // 4
     while True:
         bt = _fit_block(n, block_tokens, sublanes)
@@ -113,25 +104,11 @@ def plan(n: int, hidden: int, vocab: int, dtype, *, temperature: float,
         else:
             block_vocab = max(128, bv // 2)
     need = _vmem_bytes(bt, bv, hidden_p, itemsize)
-    limit = min(max(32 * _MiB, _round_up(need * 5 // 4, _MiB)), _vmem_capacity())
+    limit = min(max(32 * _MiB, round_up(need * 5 // 4, _MiB)), _vmem_capacity())
     return TpuConfig(temperature=float(temperature),
                      logit_softcap=None if logit_softcap is None else float(logit_softcap),
                      with_entropy=bool(with_entropy), vocab=int(vocab), block_tokens=bt,
                      block_vocab=bv, vmem_limit_bytes=int(limit), interpret=interpret)
-
-
-def vary_alike(*xs):
-    """In a caller's check_vma shard_map, operands (so outputs) vary over one axis set."""
-    mats = [jax.typeof(x).manual_axis_type for x in xs]
-    axes = frozenset().union(*(m.varying for m in mats))
-    return tuple(lax.pcast(x, tuple(sorted(axes - m.varying)), to="varying")
-                 if axes - m.varying else x for x, m in zip(xs, mats))
-
-
-def out_struct(shape, dtype, like):
-    """Output aval of a kernel whose operands vary like `like` (see vary_alike)."""
-    return jax.ShapeDtypeStruct(shape, dtype,
-                                manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
 def _logits(h, w, cfg):
@@ -238,9 +215,9 @@ def _params(cfg: TpuConfig):
 def _pad(h, w, t, cfg: TpuConfig):
     """Zero-pads to block multiples (H to 128 lanes); padded targets are -1."""
     (n, hidden), vocab = h.shape, w.shape[1]
-    n_p = _round_up(n, cfg.block_tokens)
-    v_p = _round_up(vocab, cfg.block_vocab)
-    h_p = _round_up(hidden, 128)
+    n_p = round_up(n, cfg.block_tokens)
+    v_p = round_up(vocab, cfg.block_vocab)
+    h_p = round_up(hidden, 128)
     if (n_p, h_p) != (n, hidden):
         h = jnp.pad(h, ((0, n_p - n), (0, h_p - hidden)))
     if (h_p, v_p) != (hidden, vocab):
@@ -334,75 +311,6 @@ def local_outputs(h, w, t, **kw):
     cfg = plan(h.shape[0], h.shape[1], w.shape[1], h.dtype, **kw)
     outs = _local(*vary_alike(h, w, t), cfg)
     return tuple(outs) if cfg.with_entropy else (*outs, None)
-
-
-def _combine(outs, vocab_axis: str):
-    """Partial (target logit, lse, max, entropy) of vocabulary shards -> global."""
-    tl, lse_s, mx, ent_s = outs
-    tl = lax.psum(tl, vocab_axis)  # only the shard holding the target adds a logit
-    mx = lax.pmax(lax.stop_gradient(mx), vocab_axis)
-    ref = lax.pmax(lax.stop_gradient(lse_s), vocab_axis)
-    lse = ref + jnp.log(lax.psum(jnp.exp(lse_s - ref), vocab_axis))
-    ent = None
-    if ent_s is not None:
-        # entropy = lse - E_p[z], and E_p[z] = sum_s exp(lse_s - lse) E_{p_s}[z].
-        ent = lse - lax.psum(jnp.exp(lse_s - lse) * (lse_s - ent_s), vocab_axis)
-    return tl, lse, mx, ent
-
-
-def _mesh_axes(vocab: int, token_axes, vocab_axis):
-    """Mesh axes (not already manual, size > 1) to split tokens / vocabulary over."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return (), None, 1
-    usable = {a: s for a, s in mesh.shape.items()
-              if s > 1 and a not in set(mesh.manual_axes)}
-    tok = tuple(a for a in token_axes if a in usable)
-    vax = vocab_axis if vocab_axis in usable and vocab % usable[vocab_axis] == 0 else None
-    return tok, vax, math.prod(usable[a] for a in tok)
-
-
-def sharded_outputs(local_fn, h, w, t, *, with_entropy: bool,
-                    token_axes=TOKEN_AXES, vocab_axis=VOCAB_AXIS, **kw):
-    """`local_fn` per device under the ambient mesh (shard_map), else directly.
-
-    Tokens are padded to a multiple of the token shards (target -1) and the
-    outputs sliced back. Returns (target logit, lse, max, entropy or None).
-    """
-    n, vocab = h.shape[0], w.shape[1]
-    tok, vax, n_shards = _mesh_axes(vocab, token_axes, vocab_axis)
-    local = functools.partial(local_fn, with_entropy=with_entropy, **kw)
-    if not tok and vax is None:
-        return local(h, w, t)
-    n_p = _round_up(n, n_shards)
-    if n_p != n:
-        h = jnp.pad(h, ((0, n_p - n), (0, 0)))
-        t = jnp.pad(t, (0, n_p - n), constant_values=-1)
-    tok_spec = tok if tok else None
-
-    def body(h_s, w_s, t_s):
-        if vax is None:
-            outs = local(h_s, w_s, t_s)
-        else:  # targets relative to this shard's first column
-            offset = lax.axis_index(vax) * w_s.shape[1]
-            outs = _combine(local(h_s, w_s, t_s - offset), vax)
-        return outs if with_entropy else outs[:3]
-
-    n_out = 4 if with_entropy else 3
-    # check_vma=False: Pallas' interpreter rejects loop carries inside kernels under
-    # vma checking (a JAX bug). Without it the transpose psums the cotangents of
-    # h over the vocabulary axis and of W over the token axes, and divides the
-    # replicated outputs' cotangents before transposing psum: the same gradients.
-    outs = jax.shard_map(body, in_specs=(P(tok_spec, None), P(None, vax), P(tok_spec)),
-                         out_specs=(P(tok_spec),) * n_out, check_vma=False)(h, w, t)
-    outs = tuple(x[:n] for x in outs)
-    return outs if with_entropy else (*outs, None)
-
-
-def finish(tl, lse, mx, ent, t, vocab: int):
-    """(logps, lse, entropy, max_logit) from the kernels' outputs."""
-    logps = jnp.where(valid_targets(t, vocab), tl - lse, 0.0)
-    return logps, lse, ent, mx
 
 
 def token_logprobs_pallas_tpu(hidden_NxH, unembed_HxV, targets_N, *, temperature: float,
