@@ -164,6 +164,7 @@ import orbax.checkpoint as ocp
 
 from jalign import checkpoint
 from jalign.algorithms.rl import make_reward_fn
+from jalign.algorithms.rl_spec import rl_spec
 from jalign.generate import decode_completions, generate, left_pad
 from jalign.models import ModelConfig
 from jalign.steps.common import shifted_logprobs
@@ -174,7 +175,8 @@ from jalign.models import decoder_init_fn
 model_cfg = ModelConfig.from_mapping(sft.model)
 tokenizer = builtin_tokenizer()
 task = get_task("sentiment")
-proxy_fn = make_reward_fn(RUNS["biased proxy"], model_cfg, tokenizer, task)  # the reward model alone
+proxy_fn = make_reward_fn(RUNS["biased proxy"], rl_spec(RUNS["biased proxy"]), model_cfg,
+                          tokenizer, task)  # the reward model alone
 prompts = task.prompts(SIZES["eval_prompts"], seed=1, split="eval")
 abstract = nn.meta.unbox(jax.eval_shape(decoder_init_fn(model_cfg), jax.random.PRNGKey(0)))
 sft_weights = checkpoint.load_params(sft_params, abstract)

@@ -19,7 +19,7 @@ class MetricsWriter:
         self.last_metrics: dict[str, float] = {}
         self._tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # deferred: heavy, only the main process logs
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def truncate_after(self, step: int) -> None:

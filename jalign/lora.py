@@ -82,7 +82,7 @@ def _boxed(fn, leaf):
 def quantize(w, name: str, qtype: str, block: int, scale_dtype):
     """A stacked projection [L, in..., out...] as a qwix QArray: per output channel
     (and layer) scales, in blocks of `block` along the last input axis."""
-    import qwix
+    import qwix  # deferred: a heavy import only QLoRA runs need
 
     in_axes = _INPUT_AXES[name]
     last_in = in_axes[-1]
@@ -96,7 +96,7 @@ def quantize(w, name: str, qtype: str, block: int, scale_dtype):
 
 
 def dequantize(qarray) -> jax.Array:
-    import qwix
+    import qwix  # deferred: a heavy import only QLoRA runs need
     return qwix.dequantize(qarray)
 
 

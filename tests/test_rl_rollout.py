@@ -15,6 +15,7 @@ import optax
 
 from jalign import sharding as shd
 from jalign.algorithms.rl import ppo_setup, ppo_step
+from jalign.algorithms.rl_spec import rl_spec
 from jalign.models.config import ModelConfig
 from jalign.loop import skip_nonfinite
 from jalign.state import init_train_state
@@ -31,7 +32,8 @@ def _ppo_iteration(mesh_shape, devices, tmp_path, monkeypatch):
     config.model.update(hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=48)
     config.data.batch_size = ROWS
     model_cfg = ModelConfig.from_mapping(config.model)
-    setup = ppo_setup(config, model_cfg, str(tmp_path))
+    spec = rl_spec(config)
+    setup = ppo_setup(config, model_cfg, spec, str(tmp_path))
     mesh = shd.make_mesh(mesh_shape, devices)
     rules = shd.DEFAULT_RULES
     opt = optax.sgd(1e-2)
@@ -39,7 +41,7 @@ def _ppo_iteration(mesh_shape, devices, tmp_path, monkeypatch):
                                         with_reference=setup.with_reference,
                                         frozen_extra=setup.frozen_extra)
     batch_sharding = shd.data_sharding(mesh, rules)
-    step = jax.jit(skip_nonfinite(ppo_step(config, model_cfg, opt, None, setup)),
+    step = jax.jit(skip_nonfinite(ppo_step(config, model_cfg, spec, opt)),
                    in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, shd.replicated(mesh)))
     prompts = next(iter(setup.dataset(0, 1)))

@@ -29,7 +29,7 @@ def test_online_dpo_reads_config_dpo_like_offline_dpo():
     config.dpo.loss_weights = [0.8, 0.2]
     config.dpo.label_smoothing = 0.1
     config.dpo.beta = 0.3
-    spec = get_algorithm("online_dpo").spec(config)
+    spec = get_algorithm("online_dpo").spec(config).preference
     assert spec.reference == "params" and spec.loss_types == ("sigmoid", "bco_pair")
     logps, lengths = _pair_inputs()
     got, _ = spec.loss_fn(*logps, **lengths)
@@ -47,7 +47,7 @@ def test_online_dpo_step_trains_on_a_loss_mix():
     config = base_config()
     config.algo = "online_dpo"
     config.dpo.loss_type = "sigmoid,sft"
-    spec = get_algorithm("online_dpo").spec(config)
+    spec = get_algorithm("online_dpo").spec(config).preference
     logps, lengths = _pair_inputs(1)
     got, _ = spec.loss_fn(*logps, **lengths)
     want, _ = losses.dpo_loss(*logps, loss_type=("sigmoid", "sft"), beta=0.1, **lengths)

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Callable
 
 from jalign.algorithms import preference, rl, sft
+from jalign.algorithms.rl_spec import rl_spec
 from jalign.algorithms.common import AlgorithmSetup
 
 
@@ -35,10 +36,10 @@ _ALGORITHMS = {
     "reward": Algorithm(preference.reward_spec, preference.reward_setup, preference.reward_step),
     "dpo": Algorithm(preference.pair_spec, preference.dpo_setup, preference.dpo_step),
     "kto": Algorithm(preference.kto_spec, preference.kto_setup, preference.kto_step),
-    "grpo": Algorithm(rl.rl_spec, rl.grpo_setup, rl.grpo_step, rollout_epochs=True),
-    "rloo": Algorithm(rl.rl_spec, rl.grpo_setup, rl.grpo_step, rollout_epochs=True),
-    "online_dpo": Algorithm(rl.online_dpo_spec, rl.online_dpo_setup, rl.online_dpo_step),
-    "ppo": Algorithm(rl.rl_spec, rl.ppo_setup, rl.ppo_step, rollout_epochs=True),
+    "grpo": Algorithm(rl_spec, rl.grpo_setup, rl.grpo_step, rollout_epochs=True),
+    "rloo": Algorithm(rl_spec, rl.grpo_setup, rl.grpo_step, rollout_epochs=True),
+    "online_dpo": Algorithm(rl_spec, rl.grpo_setup, rl.online_dpo_step),
+    "ppo": Algorithm(rl_spec, rl.ppo_setup, rl.ppo_step, rollout_epochs=True),
 }
 ALGOS = tuple(_ALGORITHMS)
 

@@ -182,9 +182,18 @@ def _eval_batches(config, tokenizer, records, *, paired=True):
                             num_epochs=1)(0, 1))
 
 
-def _mean_over_pairs(values, masks):
-    values, masks = np.concatenate(values), np.concatenate(masks)
-    return float((values * masks).sum() / max(masks.sum(), 1.0))
+def held_out_pair_metrics(batches, rewards_fn) -> tuple[float, float]:
+    """(accuracy, mean margin) over the real pairs of `batches`, where
+    `rewards_fn(batch) -> [2B]` gives each sequence's reward (2p chosen, 2p+1 rejected)."""
+    correct = margins = count = 0.0
+    for batch in batches:
+        r = np.asarray(rewards_fn(batch))
+        real = np.asarray(batch["pair_mask"]) > 0
+        correct += float(((r[0::2] > r[1::2]) & real).sum())
+        margins += float(np.where(real, r[0::2] - r[1::2], 0.0).sum())
+        count += float(real.sum())
+    count = max(count, 1.0)
+    return correct / count, margins / count
 
 
 # --------------------------------------------------------------------- reward model
@@ -203,14 +212,8 @@ def reward_setup(config, model_cfg: ModelConfig, spec, workdir: str) -> Algorith
 
     def evaluate(params, start_params):
         del start_params
-        correct, margins, masks = [], [], []
-        for batch in batches:
-            s = np.asarray(score(params, batch))
-            correct.append((s[0::2] > s[1::2]).astype(np.float32))
-            margins.append(s[0::2] - s[1::2])
-            masks.append(batch["pair_mask"])
-        return {"eval/accuracy": _mean_over_pairs(correct, masks),
-                "eval/margin": _mean_over_pairs(margins, masks)}
+        accuracy, margin = held_out_pair_metrics(batches, lambda b: score(params, b))
+        return {"eval/accuracy": accuracy, "eval/margin": margin}
 
     return AlgorithmSetup(dataset=_dataset_fn(config, tokenizer, train, paired=True),
                           params_init_fn=scalar_model_init_fn(model_cfg),
@@ -271,14 +274,9 @@ def _dpo_like_setup(config, model_cfg: ModelConfig, spec: PreferenceSpec, workdi
     def evaluate(params, start_params):
         out = generation_eval(params, start_params) if generation_eval else {}
         if batches and start_params is not None:
-            correct, margins, masks = [], [], []
-            for batch in batches:
-                r = beta * (np.asarray(logps_fn(params, batch)) - np.asarray(logps_fn(start_params, batch)))
-                correct.append((r[0::2] > r[1::2]).astype(np.float32))
-                margins.append(r[0::2] - r[1::2])
-                masks.append(batch["pair_mask"])
-            out["eval/rewards/accuracies"] = _mean_over_pairs(correct, masks)
-            out["eval/rewards/margins"] = _mean_over_pairs(margins, masks)
+            accuracy, margin = held_out_pair_metrics(batches, lambda b: beta * (
+                np.asarray(logps_fn(params, b)) - np.asarray(logps_fn(start_params, b))))
+            out["eval/rewards/accuracies"], out["eval/rewards/margins"] = accuracy, margin
         return out
 
     def prepare(start_params):

@@ -25,7 +25,7 @@ import numpy as np
 from jalign import sharding as shd
 from jalign.algorithms.common import (AlgorithmSetup, check_vocab, load_start_params,
                                       load_tokenizer, summarize_run, task_evaluator)
-from jalign.algorithms.preference import PreferenceSpec, pair_spec
+from jalign.algorithms.rl_spec import RlSpec
 from jalign.checkpoint import load_params
 from jalign.data.sft import tokenize_prompt_completion
 from jalign.generate import decode_completions, generate, left_pad
@@ -40,26 +40,21 @@ from jalign.steps.rl import decoder_value_fn, make_policy_gradient_step, make_pp
 from jalign.tasks import get_task
 
 
-def make_reward_fn(config, model_cfg: ModelConfig, tokenizer, task) -> Callable:
+def make_reward_fn(config, spec: RlSpec, model_cfg: ModelConfig, tokenizer, task) -> Callable:
     """Combined reward: weighted gold reward, reward model and user callables.
 
-    `config.rl.reward_sources` is a comma list of "gold", "model" (the reward model
-    saved at config.rl.reward_model) and "python:module.function" (a batched
-    callable (prompts, completions) -> floats); `config.rl.reward_weights` the weights.
+    `spec.reward_sources` (config.rl.reward_sources) are "gold", "model" (the reward
+    model saved at config.rl.reward_model) and "python:module.function" (a batched
+    callable (prompts, completions) -> floats); `spec.reward_weights` the weights.
     """
-    sources = [s.strip() for s in config.rl.reward_sources.split(",") if s.strip()]
-    weights = list(config.rl.reward_weights or [1.0] * len(sources))
-    if len(weights) != len(sources):
-        raise ValueError(f"config.rl.reward_weights has {len(weights)} entries for "
-                         f"{len(sources)} reward sources {sources}")
     fns = []
-    for source in sources:
+    for source in spec.reward_sources:
         if source == "gold":
             if task is None:
                 raise ValueError("reward source 'gold' needs a built-in task (config.data.source='task')")
             fns.append(task.gold_reward)
         elif source == "model":
-            fns.append(_reward_model_fn(config, model_cfg, tokenizer))
+            fns.append(_reward_model_fn(config, spec, model_cfg, tokenizer))
         elif source.startswith("python:"):
             module, _, name = source[len("python:"):].rpartition(".")
             fns.append(getattr(importlib.import_module(module), name))
@@ -69,19 +64,19 @@ def make_reward_fn(config, model_cfg: ModelConfig, tokenizer, task) -> Callable:
 
     def reward(prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         total = np.zeros(len(prompts), np.float32)
-        for w, fn in zip(weights, fns):
+        for w, fn in zip(spec.reward_weights, fns):
             total += w * np.asarray(fn(prompts, completions), np.float32)
         return total
     return reward
 
 
-def _reward_model_fn(config, model_cfg, tokenizer):
+def _reward_model_fn(config, spec: RlSpec, model_cfg, tokenizer):
     """Serves a trained reward model (config.rl.reward_model) as a batched text -> score function."""
-    if not config.rl.reward_model:
+    if not spec.reward_model:
         raise ValueError("reward source 'model' needs config.rl.reward_model (a reward stage's "
                          "WORKDIR/final_params)")
     abstract = nn.meta.unbox(jax.eval_shape(scalar_model_init_fn(model_cfg), jax.random.PRNGKey(0)))
-    params = load_params(config.rl.reward_model, abstract)
+    params = load_params(spec.reward_model, abstract)
     score = jax.jit(lambda p, b: sequence_scores(p, model_cfg, b, b["tokens"].shape[0]))
 
     def fn(prompts, completions):
@@ -179,20 +174,20 @@ def sample_and_score(state, params, prompts: Sequence[str], *, sampler, tokenize
     return batch, put(scores), metrics, scores
 
 
-def _policy_gradient_batch_fn(model_cfg: ModelConfig, rl, algo: str):
+def _policy_gradient_batch_fn(model_cfg: ModelConfig, rl: RlSpec):
     """Jitted (reference params, batch, scores_B) -> (batch with advantages, metrics)."""
     def finish(reference, batch, scores_B):
         metrics = {}
         rewards = scores_B
         if rl.kl_beta > 0:
             ref_logps = shifted_logprobs(reference, model_cfg, batch)[0]
-            if algo == "rloo":  # RLOO folds a k1 KL penalty into the sequence reward
+            if rl.algo == "rloo":  # RLOO folds a k1 KL penalty into the sequence reward
                 kl = ((batch["old_logps"] - ref_logps) * batch["loss_mask"][:, 1:]).sum(-1)
                 metrics["objective/kl"] = kl.mean()
                 rewards = rewards - rl.kl_beta * kl
             else:
                 batch = dict(batch, ref_logps=ref_logps)
-        if algo == "rloo":
+        if rl.algo == "rloo":
             advantages = rloo_advantages(rewards, rl.group_size)
         else:
             advantages = group_advantages(rewards, rl.group_size, scale=rl.scale_rewards)
@@ -201,7 +196,7 @@ def _policy_gradient_batch_fn(model_cfg: ModelConfig, rl, algo: str):
     return jax.jit(finish)
 
 
-def _rl_inputs(config, model_cfg: ModelConfig):
+def _rl_inputs(config, spec: RlSpec, model_cfg: ModelConfig):
     """(tokenizer, task, training prompts, reward function) of an online-RL run."""
     if config.data.source != "task":
         raise ValueError(f"config.algo={config.algo!r} samples prompts from a built-in task; set "
@@ -210,15 +205,15 @@ def _rl_inputs(config, model_cfg: ModelConfig):
     check_vocab(model_cfg, tokenizer)
     task = get_task(config.data.task)
     prompts = task.prompts(config.data.num_train_examples, seed=config.seed)
-    return tokenizer, task, prompts, make_reward_fn(config, model_cfg, tokenizer, task)
+    return tokenizer, task, prompts, make_reward_fn(config, spec, model_cfg, tokenizer, task)
 
 
-def _setup(config, model_cfg: ModelConfig, *, online_dpo: bool, inputs=None) -> AlgorithmSetup:
-    tokenizer, task, prompts, reward_fn = inputs or _rl_inputs(config, model_cfg)
-    rl = config.rl
+def _setup(config, model_cfg: ModelConfig, rl: RlSpec, inputs=None) -> AlgorithmSetup:
+    tokenizer, task, prompts, reward_fn = inputs or _rl_inputs(config, rl, model_cfg)
+    online_dpo = rl.preference is not None
     sampler = make_sampler(model_cfg, tokenizer, max_new_tokens=rl.max_new_tokens,
                            temperature=rl.temperature)
-    finish = _policy_gradient_batch_fn(model_cfg, rl, config.algo)
+    finish = _policy_gradient_batch_fn(model_cfg, rl)
 
     def rollout(state, prompt_batch):
         batch, scores, metrics, host_scores = sample_and_score(
@@ -234,7 +229,7 @@ def _setup(config, model_cfg: ModelConfig, *, online_dpo: bool, inputs=None) -> 
 
     return AlgorithmSetup(dataset=_prompt_dataset(prompts, config.data.batch_size, config.seed),
                           load_params=load_start_params(config),
-                          with_reference=online_dpo or rl.kl_beta > 0,
+                          with_reference=rl.uses_reference,
                           evaluate=task_evaluator(config, model_cfg, tokenizer, task),
                           summarize=summarize_run(config.algo), rollout=rollout)
 
@@ -254,49 +249,27 @@ def _preference_batch(batch, rewards, group):
     return out
 
 
-def rl_spec(config) -> None:
-    """GRPO, RLOO and PPO read config.rl where they use it."""
-    del config
+def grpo_setup(config, model_cfg, spec: RlSpec, workdir):
+    del workdir
+    return _setup(config, model_cfg, spec)
 
 
-def online_dpo_spec(config) -> PreferenceSpec:
-    """Online DPO's pairwise loss: config.dpo read as for offline DPO (loss mixes,
-    label smoothing, f-divergences), with the start policy as the reference."""
-    return pair_spec(config, online=True)
-
-
-def grpo_setup(config, model_cfg, spec, workdir):
-    del spec, workdir
-    return _setup(config, model_cfg, online_dpo=False)
-
-
-def online_dpo_setup(config, model_cfg, spec, workdir):
-    del spec, workdir
-    return _setup(config, model_cfg, online_dpo=True)
-
-
-def grpo_step(config, model_cfg, spec, optimizer):
-    del spec
-    rl = config.rl
-    loss_kwargs = dict(clip_eps_low=rl.clip_eps_low, clip_eps_high=rl.clip_eps_high,
-                       loss_aggregation=rl.loss_aggregation,
-                       kl_beta=0.0 if config.algo == "rloo" else rl.kl_beta,
-                       kl_estimator=rl.kl_estimator, max_completion_length=rl.max_new_tokens,
-                       sequence_level_ratio=config.algo == "rloo")
+def grpo_step(config, model_cfg, spec: RlSpec, optimizer):
     return make_policy_gradient_step(
         decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl), optimizer,
-        loss_kwargs=loss_kwargs, num_iterations=rl.num_iterations,
-        num_minibatches=rl.num_minibatches)
+        loss_kwargs=spec.policy_loss, num_iterations=spec.num_iterations,
+        num_minibatches=spec.num_minibatches)
 
 
-def online_dpo_step(config, model_cfg, spec: PreferenceSpec, optimizer):
+def online_dpo_step(config, model_cfg, spec: RlSpec, optimizer):
     return make_dpo_step(decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl),
-                         optimizer, loss_fn=spec.loss_fn, reference=spec.reference)
+                         optimizer, loss_fn=spec.preference.loss_fn,
+                         reference=spec.preference.reference)
 
 
 # --------------------------------------------------------------------- PPO with a critic
 
-def _ppo_batch_fn(model_cfg: ModelConfig, rl):
+def _ppo_batch_fn(model_cfg: ModelConfig, rl: RlSpec):
     """Jitted (params, frozen, batch, scores_B) -> (PPO batch, metrics), all on device.
 
     Adds the critic's `old_values`, GAE `advantages` (whitened) and `returns` from
@@ -323,12 +296,11 @@ def _ppo_batch_fn(model_cfg: ModelConfig, rl):
     return jax.jit(finish)
 
 
-def ppo_setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
+def ppo_setup(config, model_cfg: ModelConfig, rl: RlSpec, workdir: str) -> AlgorithmSetup:
     """PPO: policy + separate critic (a scalar model, from the reward model if given)."""
-    del spec, workdir
-    inputs = _rl_inputs(config, model_cfg)  # one reward function (and reward model) for both
-    base = _setup(config, model_cfg, online_dpo=False, inputs=inputs)
-    rl = config.rl
+    del workdir
+    inputs = _rl_inputs(config, rl, model_cfg)  # one reward function (and reward model) for both
+    base = _setup(config, model_cfg, rl, inputs=inputs)
     tokenizer, reward_fn = inputs[0], inputs[3]
     sampler = make_sampler(model_cfg, tokenizer, max_new_tokens=rl.max_new_tokens,
                            temperature=rl.temperature)
@@ -368,12 +340,10 @@ def ppo_setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSe
     return base
 
 
-def ppo_step(config, model_cfg, spec, optimizer):
-    del spec
-    rl = config.rl
+def ppo_step(config, model_cfg, rl: RlSpec, optimizer):
     return make_ppo_step(
         decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl, with_stats=True),
-        decoder_value_fn(model_cfg), optimizer, clip_eps=rl.clip_eps_low,
+        decoder_value_fn(model_cfg), optimizer, clip_eps=rl.policy_loss["clip_eps_low"],
         value_clip=rl.value_clip, vf_coef=rl.vf_coef, entropy_coef=rl.entropy_coef,
         num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches,
-        kl_target=rl.kl_target or None, kl_horizon=rl.kl_horizon)
+        kl_target=rl.kl_target, kl_horizon=rl.kl_horizon)

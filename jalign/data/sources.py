@@ -193,7 +193,7 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
 
 def _parquet_rows(path: str,
                   required_fields: Sequence[str]) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: a heavy import only Parquet sources need
 
     try:
         parquet_file = pq.ParquetFile(path)

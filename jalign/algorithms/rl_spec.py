@@ -1,0 +1,91 @@
+"""`config.rl` read once: what GRPO, RLOO, PPO and online DPO sample, score and optimise.
+
+One `RlSpec` is built from the config before anything runs (bad values fail there,
+naming the key) and shared by the rollout setup and the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jalign.algorithms.preference import PreferenceSpec, pair_spec
+from jalign.losses.rl import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGREGATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class RlSpec:
+    algo: str
+    group_size: int
+    max_new_tokens: int
+    temperature: float
+    reward_sources: tuple[str, ...]
+    reward_weights: tuple[float, ...]
+    reward_model: str
+    kl_beta: float                 # GRPO's KL term / RLOO's KL penalty in the reward
+    kl_estimator: str
+    scale_rewards: str
+    num_iterations: int
+    num_minibatches: int
+    policy_loss: dict[str, Any]    # keyword options of jalign.losses.rl.clipped_policy_loss
+    # PPO with a critic
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.1
+    value_clip: float = 0.2
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05
+    kl_target: float | None = None
+    kl_horizon: float = 10000.0
+    critic_init: str = ""
+    # online DPO: the pairwise loss (config.dpo)
+    preference: PreferenceSpec | None = None
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the state keeps a frozen reference (a KL term, or online DPO)."""
+        return self.preference is not None or self.kl_beta > 0
+
+
+def _choice(rl, key: str, choices) -> str:
+    value = rl[key]
+    if value not in choices:
+        raise ValueError(f"config.rl.{key} = {value!r} is not valid; valid: {list(choices)}")
+    return value
+
+
+def rl_spec(config) -> RlSpec:
+    rl, algo = config.rl, config.algo
+    sources = tuple(s.strip() for s in rl.reward_sources.split(",") if s.strip())
+    weights = tuple(float(w) for w in (rl.reward_weights or [1.0] * len(sources)))
+    if not sources:
+        raise ValueError("config.rl.reward_sources is empty; e.g. 'gold', 'model' or "
+                         "'python:module.function'")
+    if len(weights) != len(sources):
+        raise ValueError(f"config.rl.reward_weights has {len(weights)} entries for "
+                         f"{len(sources)} reward sources {list(sources)}")
+    for key in ("group_size", "max_new_tokens", "num_iterations", "num_minibatches"):
+        if int(rl[key]) < 1:
+            raise ValueError(f"config.rl.{key} must be at least 1, got {rl[key]!r}")
+    if algo in ("grpo", "rloo", "online_dpo") and int(rl.group_size) < 2:
+        raise ValueError(f"config.algo={algo!r} compares completions of a prompt: "
+                         f"config.rl.group_size must be at least 2, got {rl.group_size}")
+    kl_estimator = _choice(rl, "kl_estimator", KL_ESTIMATORS)
+    rloo = algo == "rloo"
+    policy_loss = dict(clip_eps_low=float(rl.clip_eps_low), clip_eps_high=float(rl.clip_eps_high),
+                       loss_aggregation=_choice(rl, "loss_aggregation", LOSS_AGGREGATIONS),
+                       # RLOO folds its KL penalty into the reward instead.
+                       kl_beta=0.0 if rloo else float(rl.kl_beta), kl_estimator=kl_estimator,
+                       max_completion_length=int(rl.max_new_tokens), sequence_level_ratio=rloo)
+    return RlSpec(
+        algo=algo, group_size=int(rl.group_size), max_new_tokens=int(rl.max_new_tokens),
+        temperature=float(rl.temperature), reward_sources=sources, reward_weights=weights,
+        reward_model=rl.reward_model, kl_beta=float(rl.kl_beta), kl_estimator=kl_estimator,
+        scale_rewards=_choice(rl, "scale_rewards", ADVANTAGE_SCALES),
+        num_iterations=int(rl.num_iterations), num_minibatches=int(rl.num_minibatches),
+        policy_loss=policy_loss, gamma=float(rl.gamma), lam=float(rl.lam),
+        vf_coef=float(rl.vf_coef), value_clip=float(rl.value_clip),
+        entropy_coef=float(rl.entropy_coef), kl_coef=float(rl.kl_coef),
+        kl_target=float(rl.kl_target) or None, kl_horizon=float(rl.kl_horizon),
+        critic_init=rl.critic_init,
+        preference=pair_spec(config, online=True) if algo == "online_dpo" else None)
