@@ -76,7 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict(dict(
         group_size=8,             # completions per prompt (GRPO group / RLOO k / online-DPO pool)
         max_new_tokens=16, temperature=1.0,
-        reward_sources="gold",    # comma list of "gold", "model", "python:module.fn"
+        # comma list of "gold" (a task's), "model" (config.rl.reward_model), a jalign.rewards
+        # built-in ("math_answer", "think_answer_format", "soft_overlong:max=64,cache=16",
+        # "length_penalty:target=32,coef=0.01") or "python:module.function"
+        reward_sources="gold",
         reward_weights=ml_collections.FieldReference(None, field_type=list),
         reward_model="",          # a reward stage's WORKDIR/final_params for source "model"
         scale_rewards="group",    # GRPO: "group", "batch" or "none" (Dr. GRPO)
@@ -89,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
         gamma=1.0, lam=0.95, vf_coef=0.1, value_clip=0.2, entropy_coef=0.0,
         kl_coef=0.05, kl_target=0.0, kl_horizon=10000.0,   # kl_target > 0: adaptive controller
         critic_init="",           # a reward model's final_params to start the critic from
+        # DAPO dynamic sampling: drop groups whose rewards all tie, sample more prompts
+        dynamic_sampling=False, dynamic_sampling_max_rounds=4,
     ))
 
     c.eval = ml_collections.ConfigDict(dict(

@@ -1,8 +1,9 @@
-"""Evaluation on built-in tasks: held-out gold reward, KL to a reference, lengths."""
+"""Evaluation: held-out prompts' completions (greedy and sampled) scored by a task's gold
+reward or by reward functions, KL to a reference, lengths."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,22 +25,37 @@ _sequence_logps = jax.jit(_sequence_logps_fn, static_argnums=1)
 
 def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Sequence[str], *,
                     max_new_tokens: int, seed: int = 0, ref_params: Any = None,
-                    batch_size: int = 64, temperature: float = 1.0) -> dict[str, float]:
-    """Greedy and sampled completions on held-out prompts, scored by the gold reward.
+                    batch_size: int = 64, temperature: float = 1.0,
+                    score_fn: Callable | None = None,
+                    prompt_ids: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """Greedy and sampled completions on held-out prompts, scored.
 
-    Returns gold_reward/greedy, gold_reward/sampled, completions/mean_length (sampled,
-    in tokens, EOS included) and, when `ref_params` is given, kl/ref: the mean over
-    sampled completions of sum_t [log pi(y_t) - log pi_ref(y_t)] (a k1 estimate of
-    KL(pi || pi_ref) per sequence).
+    Scores: `score_fn(indices, completions, lengths) -> {name: scores [n]}` (NaN =
+    not scored) for the prompts at `indices`; by default the task's gold reward,
+    {"gold_reward": ...}. `prompt_ids` (the prompts' token ids, BOS included)
+    replaces encoding `prompts` (e.g. prompts rendered by a chat template).
+
+    Returns NAME/greedy and NAME/sampled (the mean over scored prompts) for every
+    score, completions/mean_length (sampled, in tokens, EOS included) and, when
+    `ref_params` is given, kl/ref: the mean over sampled completions of
+    sum_t [log pi(y_t) - log pi_ref(y_t)] (a k1 estimate of KL(pi || pi_ref) per
+    sequence).
     """
-    greedy_rewards, sampled_rewards, lengths, kls = [], [], [], []
+    if score_fn is None:
+        def score_fn(indices, completions, lengths):
+            del lengths
+            return {"gold_reward": task.gold_reward([prompts[i] for i in indices], completions)}
+    if prompt_ids is None:
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        prompt_ids = [bos + tokenizer.encode(p) for p in prompts]
+    scores: dict[str, list] = {}
+    lengths, kls = [], []
     rng = jax.random.PRNGKey(seed)
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        n = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - n)  # fixed shapes: one compile
-        encoded = [([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(p)
-                   for p in chunk]
+        indices = list(range(start, min(start + batch_size, len(prompts))))
+        n = len(indices)
+        encoded = [list(prompt_ids[i]) for i in indices]
+        encoded += [encoded[-1]] * (batch_size - n)  # fixed shapes: one compile
         width = max(len(e) for e in encoded)
         width = -(-width // 16) * 16
         prompt, mask = left_pad(encoded, tokenizer.pad_id, width)
@@ -47,10 +63,10 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
         g_tokens, g_mask, _ = generate(params, config, prompt, mask, rng, greedy=True, **kwargs)
         s_tokens, s_mask, _ = generate(params, config, prompt, mask, jax.random.fold_in(rng, start),
                                     greedy=False, temperature=temperature, **kwargs)
-        greedy_rewards.append(task.gold_reward(chunk[:n], decode_completions(
-            tokenizer, g_tokens[:, width:], g_mask)[:n]))
-        sampled_rewards.append(task.gold_reward(chunk[:n], decode_completions(
-            tokenizer, s_tokens[:, width:], s_mask)[:n]))
+        for mode, tokens, tmask in (("greedy", g_tokens, g_mask), ("sampled", s_tokens, s_mask)):
+            texts = decode_completions(tokenizer, tokens[:, width:], tmask)[:n]
+            for name, values in score_fn(indices, texts, np.asarray(tmask).sum(-1)[:n]).items():
+                scores.setdefault(f"{name}/{mode}", []).append(np.asarray(values, np.float64))
         lengths.append(np.asarray(s_mask).sum(-1)[:n])
         if ref_params is not None:
             full_mask = np.concatenate([np.zeros_like(mask), np.asarray(s_mask)], 1)
@@ -60,11 +76,13 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
             lp = _sequence_logps(params, config, batch)
             lr = _sequence_logps(ref_params, config, batch)
             kls.append(np.asarray(lp - lr)[:n])
-    out = {
-        "gold_reward/greedy": float(np.concatenate(greedy_rewards).mean()),
-        "gold_reward/sampled": float(np.concatenate(sampled_rewards).mean()),
-        "completions/mean_length": float(np.concatenate(lengths).mean()),
-    }
+    out = {}
+    for key, parts in scores.items():
+        values = np.concatenate(parts)
+        values = values[~np.isnan(values)]
+        if values.size:
+            out[key] = float(values.mean())
+    out["completions/mean_length"] = float(np.concatenate(lengths).mean())
     if kls:
         out["kl/ref"] = float(np.concatenate(kls).mean())
     return out

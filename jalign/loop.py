@@ -182,8 +182,10 @@ def _train(r: _Run, data_iter, manager, writer, evaluate, evals, start_step: int
             host_batch = next(data_iter)
             rollout_metrics = {}
             if r.setup.rollout is not None:  # online RL: sample + score outside the pure step
+                # More prompts (dynamic sampling) come from the same checkpointed iterator.
                 host_batch, rollout_metrics = r.setup.rollout(
-                    model_view(state, r.setup.with_reference), host_batch)
+                    model_view(state, r.setup.with_reference), host_batch, step=step,
+                    next_batch=lambda: next(data_iter))
             # Per-process pair/slot numbers become global before the batches are stacked.
             batch = _device_batch(distributed.globalize_slots(host_batch, r.batch_sharding),
                                   r.batch_sharding)

@@ -21,7 +21,9 @@ class AlgorithmSetup:
     evaluate: Callable[..., dict] | None = None  # (params, start_params) -> metrics
     summarize: Callable[..., dict] | None = None
     prepare: Callable[..., None] | None = None   # (start_params) -> None, before data is read
-    rollout: Callable[..., Any] | None = None    # (state, host batch) -> (train batch, metrics)
+    # (state, host batch, *, step, next_batch) -> (train batch, metrics); next_batch() draws
+    # more prompts from the same data iterator
+    rollout: Callable[..., Any] | None = None
 
 
 def load_tokenizer(config):

@@ -1,177 +1,42 @@
-"""Online RL on prompts: GRPO family, RLOO, online (iterative) DPO.
+"""Online RL on prompts: GRPO family, RLOO, online (iterative) DPO, PPO.
 
-Each training step first runs a rollout (outside the pure step): sample
-`group_size` completions per prompt from the current policy, score them with the
-reward sources, and turn them into a training batch; then the pure step updates
-the policy. Sampling, reference log-probs, values and advantages run on the
-devices, split over the batch like the training batch; only the completion
-tokens visit the host (for text rewards), and one score per sequence comes back.
-The rollout's randomness comes from the train state's step RNG, so a resumed run
-samples the same completions.
+Prompts come from a built-in task or from the user's JSONL / Parquet files
+(`config.data.source`), each row with any other columns ("answer", "tests", ...)
+that travel to the reward functions (jalign.algorithms.reward_sources). Each
+training step first runs a rollout outside the pure step: sample `group_size`
+completions per prompt from the current policy, score them, and turn them into a
+training batch; then the pure step updates the policy. Sampling, reference
+log-probs, values and advantages run on the devices, split over the batch like the
+training batch (jalign.algorithms.rollout).
+
+Dynamic sampling (DAPO, Yu et al. 2025, arXiv:2503.14476), `config.rl.dynamic_sampling`:
+groups whose completions all scored the same carry no group-relative signal; they
+are dropped and more prompts are sampled, up to `dynamic_sampling_max_rounds` extra
+rounds, until the batch is full (any shortfall is filled with tied groups and
+counted). A step whose groups are all tied is reported with its cause.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-from typing import Callable, Sequence
+from typing import Callable
 
-import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jalign import sharding as shd
-from jalign.algorithms.common import (AlgorithmSetup, check_vocab, load_start_params,
-                                      load_tokenizer, summarize_run, task_evaluator)
+from jalign.algorithms.common import AlgorithmSetup, load_start_params, summarize_run
+from jalign.algorithms.rl_inputs import RlInputs, prompt_dataset, rl_evaluator, rl_inputs
 from jalign.algorithms.rl_spec import RlSpec
+from jalign.algorithms.rollout import local_rows, make_rollout
 from jalign.checkpoint import load_params
-from jalign.data.sft import tokenize_prompt_completion
-from jalign.generate import decode_completions, generate, left_pad
 from jalign.losses.rl import (gae_advantages, group_advantages, kl_estimate, rloo_advantages,
                               whiten)
 from jalign.models.config import ModelConfig
-from jalign.models.heads import scalar_model_init_fn, sequence_scores, token_values
+from jalign.models.heads import scalar_model_init_fn, token_values
 from jalign.models.transformer import decoder_init_fn
 from jalign.steps.common import decoder_logprob_fn, shifted_logprobs
 from jalign.steps.preference import make_dpo_step
 from jalign.steps.rl import decoder_value_fn, make_policy_gradient_step, make_ppo_step
-from jalign.tasks import get_task
-
-
-def make_reward_fn(config, spec: RlSpec, model_cfg: ModelConfig, tokenizer, task) -> Callable:
-    """Combined reward: weighted gold reward, reward model and user callables.
-
-    `spec.reward_sources` (config.rl.reward_sources) are "gold", "model" (the reward
-    model saved at config.rl.reward_model) and "python:module.function" (a batched
-    callable (prompts, completions) -> floats); `spec.reward_weights` the weights.
-    """
-    fns = []
-    for source in spec.reward_sources:
-        if source == "gold":
-            if task is None:
-                raise ValueError("reward source 'gold' needs a built-in task (config.data.source='task')")
-            fns.append(task.gold_reward)
-        elif source == "model":
-            fns.append(_reward_model_fn(config, spec, model_cfg, tokenizer))
-        elif source.startswith("python:"):
-            module, _, name = source[len("python:"):].rpartition(".")
-            fns.append(getattr(importlib.import_module(module), name))
-        else:
-            raise ValueError(f"unknown reward source {source!r}; valid: 'gold', 'model', "
-                             "'python:module.function'")
-
-    def reward(prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        total = np.zeros(len(prompts), np.float32)
-        for w, fn in zip(spec.reward_weights, fns):
-            total += w * np.asarray(fn(prompts, completions), np.float32)
-        return total
-    return reward
-
-
-def _reward_model_fn(config, spec: RlSpec, model_cfg, tokenizer):
-    """Serves a trained reward model (config.rl.reward_model) as a batched text -> score function."""
-    if not spec.reward_model:
-        raise ValueError("reward source 'model' needs config.rl.reward_model (a reward stage's "
-                         "WORKDIR/final_params)")
-    abstract = nn.meta.unbox(jax.eval_shape(scalar_model_init_fn(model_cfg), jax.random.PRNGKey(0)))
-    params = load_params(spec.reward_model, abstract)
-    score = jax.jit(lambda p, b: sequence_scores(p, model_cfg, b, b["tokens"].shape[0]))
-
-    def fn(prompts, completions):
-        rows = [tokenize_prompt_completion(p, c, tokenizer, max_length=config.data.max_length)
-                ["tokens"] for p, c in zip(prompts, completions)]
-        width = -(-max(len(r) for r in rows) // 16) * 16
-        tokens = np.full((len(rows), width), tokenizer.pad_id, np.int32)
-        seq = np.full((len(rows), width), -1, np.int32)
-        for i, r in enumerate(rows):
-            tokens[i, :len(r)] = r
-            seq[i, :len(r)] = i
-        batch = {"tokens": tokens, "segment_ids": (seq >= 0).astype(np.int32),
-                 "positions": np.tile(np.arange(width, dtype=np.int32), (len(rows), 1)),
-                 "sequence_index": seq}
-        return np.asarray(score(params, batch))
-    return fn
-
-
-def _prompt_dataset(prompts: list[str], batch_size: int, seed: int):
-    def dataset(process_index, process_count):
-        if batch_size % process_count:
-            raise ValueError(f"config.data.batch_size ({batch_size}) must be divisible by the "
-                             f"number of processes ({process_count})")
-        ds = grain.MapDataset.source(prompts)[process_index::process_count]
-        return ds.shuffle(seed=seed).repeat().batch(batch_size // process_count).to_iter_dataset()
-    return dataset
-
-
-# Folded into the step RNG for sampling (the steps' minibatch shuffle uses 29).
-_ROLLOUT_STREAM = 17
-
-
-def _batch_sharding(config, params):
-    """The loop's batch sharding (mesh read off the params, rules from the config)."""
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
-    return shd.data_sharding(mesh, shd.rules_from_config(config.get("logical_axis_rules")))
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded array, one copy each (an explicit transfer)."""
-    shards = {}
-    for shard in x.addressable_shards:
-        shards.setdefault(shard.index[0].start or 0, shard.data)
-    return np.concatenate(jax.device_get([shards[k] for k in sorted(shards)]))
-
-
-def make_sampler(model_cfg: ModelConfig, tokenizer, *, max_new_tokens: int, temperature: float):
-    """Jitted `(params, rng, step, prompt_BxP, mask_BxP) -> (batch, completion_BxN, mask_BxN)`.
-
-    Everything stays on device, split over the batch like the prompts. The batch
-    is in the rollout layout (tokens, segment_ids, loss_mask, positions [B, P+N])
-    and carries the sampler's behaviour log-probs as `old_logps` [B, P+N-1], aligned
-    like shifted_logprobs (no second forward pass; at temperature 1 they equal the
-    trainer's). The sampling RNG is derived from the state's (rng, step).
-    """
-    def sample(params, rng, step, prompt_BxP, mask_BxP):
-        rng = jax.random.fold_in(jax.random.fold_in(rng, step), _ROLLOUT_STREAM)
-        out = generate(params, model_cfg, prompt_BxP, mask_BxP, rng, max_new_tokens=max_new_tokens,
-                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, greedy=False,
-                       temperature=temperature)
-        segments = jnp.concatenate([mask_BxP, out.completion_mask], 1)
-        # Position t scores token t + 1: the first completion token sits at P - 1.
-        width = prompt_BxP.shape[1]
-        old_logps = jnp.concatenate([jnp.zeros((out.logps.shape[0], width - 1), jnp.float32),
-                                     out.logps], 1)
-        batch = {"tokens": out.tokens, "segment_ids": segments,
-                 "loss_mask": jnp.concatenate([jnp.zeros_like(mask_BxP), out.completion_mask], 1),
-                 "positions": jnp.maximum(jnp.cumsum(segments, 1) - 1, 0).astype(jnp.int32),
-                 "old_logps": old_logps}
-        return batch, out.tokens[:, width:], out.completion_mask
-    return jax.jit(sample)
-
-
-def sample_and_score(state, params, prompts: Sequence[str], *, sampler, tokenizer, reward_fn,
-                     group_size: int, sharding):
-    """Samples `group_size` completions per prompt from `params` and scores them.
-
-    The prompts (token ids) go to the devices split over the batch; the only
-    arrays that come back to the host are the completion tokens and their mask,
-    for the reward function (text in, one float per sequence out), whose scores
-    return split like the batch. Returns (device batch, scores_B on device,
-    host metrics, the scores on the host).
-    """
-    repeated = [p for p in prompts for _ in range(group_size)]
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    encoded = [bos + tokenizer.encode(p) for p in repeated]
-    prompt, mask = left_pad(encoded, tokenizer.pad_id, -(-max(len(e) for e in encoded) // 16) * 16)
-    put = functools.partial(jax.make_array_from_process_local_data, sharding)
-    batch, completion, completion_mask = sampler(params, state.rng, state.step, put(prompt), put(mask))
-    completion, completion_mask = _local_rows(completion), _local_rows(completion_mask)
-    texts = decode_completions(tokenizer, completion, completion_mask)
-    scores = np.asarray(reward_fn(repeated, texts), np.float32)
-    metrics = {"objective/scores": float(scores.mean()),
-               "completions/mean_length": float(completion_mask.sum(-1).mean())}
-    return batch, put(scores), metrics, scores
 
 
 def _policy_gradient_batch_fn(model_cfg: ModelConfig, rl: RlSpec):
@@ -196,42 +61,27 @@ def _policy_gradient_batch_fn(model_cfg: ModelConfig, rl: RlSpec):
     return jax.jit(finish)
 
 
-def _rl_inputs(config, spec: RlSpec, model_cfg: ModelConfig):
-    """(tokenizer, task, training prompts, reward function) of an online-RL run."""
-    if config.data.source != "task":
-        raise ValueError(f"config.algo={config.algo!r} samples prompts from a built-in task; set "
-                         "config.data.source='task'")
-    tokenizer = load_tokenizer(config)
-    check_vocab(model_cfg, tokenizer)
-    task = get_task(config.data.task)
-    prompts = task.prompts(config.data.num_train_examples, seed=config.seed)
-    return tokenizer, task, prompts, make_reward_fn(config, spec, model_cfg, tokenizer, task)
-
-
-def _setup(config, model_cfg: ModelConfig, rl: RlSpec, inputs=None) -> AlgorithmSetup:
-    tokenizer, task, prompts, reward_fn = inputs or _rl_inputs(config, rl, model_cfg)
-    online_dpo = rl.preference is not None
-    sampler = make_sampler(model_cfg, tokenizer, max_new_tokens=rl.max_new_tokens,
-                           temperature=rl.temperature)
+def _setup(config, model_cfg: ModelConfig, rl: RlSpec, inputs: RlInputs) -> AlgorithmSetup:
+    """GRPO / RLOO / online DPO: rollouts become policy-gradient or preference batches."""
+    sample = make_rollout(config, model_cfg, rl, inputs)
     finish = _policy_gradient_batch_fn(model_cfg, rl)
 
-    def rollout(state, prompt_batch):
-        batch, scores, metrics, host_scores = sample_and_score(
-            state, state.params, [str(p) for p in prompt_batch], sampler=sampler, tokenizer=tokenizer,
-            reward_fn=reward_fn, group_size=rl.group_size,
-            sharding=_batch_sharding(config, state.params))
-        if online_dpo:
-            host_batch = {k: _local_rows(v) for k, v in batch.items() if k != "old_logps"}
+    def rollout(state, prompt_batch, *, step: int, next_batch: Callable):
+        batch, scores, host_scores, metrics = sample(state, prompt_batch, step=step,
+                                                     next_batch=next_batch)
+        if rl.preference is not None:  # online DPO: best vs worst of each group
+            host_batch = {k: local_rows(v) for k, v in batch.items() if k != "old_logps"}
             return _preference_batch(host_batch, host_scores, rl.group_size), metrics
         batch, device_metrics = finish(state.frozen["reference"] if rl.kl_beta > 0 else None,
                                        batch, scores)
         return batch, {**metrics, **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
 
-    return AlgorithmSetup(dataset=_prompt_dataset(prompts, config.data.batch_size, config.seed),
+    return AlgorithmSetup(dataset=prompt_dataset(config, inputs.records),
                           load_params=load_start_params(config),
                           with_reference=rl.uses_reference,
-                          evaluate=task_evaluator(config, model_cfg, tokenizer, task),
-                          summarize=summarize_run(config.algo), rollout=rollout)
+                          evaluate=rl_evaluator(config, model_cfg, rl, inputs),
+                          summarize=summarize_run(config.algo, skip_report=inputs.skip_report),
+                          rollout=rollout)
 
 
 def _preference_batch(batch, rewards, group):
@@ -251,7 +101,7 @@ def _preference_batch(batch, rewards, group):
 
 def grpo_setup(config, model_cfg, spec: RlSpec, workdir):
     del workdir
-    return _setup(config, model_cfg, spec)
+    return _setup(config, model_cfg, spec, rl_inputs(config, spec, model_cfg))
 
 
 def grpo_step(config, model_cfg, spec: RlSpec, optimizer):
@@ -299,12 +149,10 @@ def _ppo_batch_fn(model_cfg: ModelConfig, rl: RlSpec):
 def ppo_setup(config, model_cfg: ModelConfig, rl: RlSpec, workdir: str) -> AlgorithmSetup:
     """PPO: policy + separate critic (a scalar model, from the reward model if given)."""
     del workdir
-    inputs = _rl_inputs(config, rl, model_cfg)  # one reward function (and reward model) for both
-    base = _setup(config, model_cfg, rl, inputs=inputs)
-    tokenizer, reward_fn = inputs[0], inputs[3]
-    sampler = make_sampler(model_cfg, tokenizer, max_new_tokens=rl.max_new_tokens,
-                           temperature=rl.temperature)
+    inputs = rl_inputs(config, rl, model_cfg)
+    sample = make_rollout(config, model_cfg, rl, inputs, policy=lambda params: params["policy"])
     finish = _ppo_batch_fn(model_cfg, rl)
+    evaluate = rl_evaluator(config, model_cfg, rl, inputs)
 
     def params_init(rng):
         p_rng, c_rng = jax.random.split(rng)
@@ -320,24 +168,19 @@ def ppo_setup(config, model_cfg: ModelConfig, rl: RlSpec, workdir: str) -> Algor
             critic = None
         return {"policy": policy, "critic": critic}
 
-    def rollout(state, prompt_batch):
+    def rollout(state, prompt_batch, *, step: int, next_batch: Callable):
         """Sampling, reference log-probs, values and advantages stay on device, batch-split."""
-        batch, scores, metrics, _ = sample_and_score(
-            state, state.params["policy"], [str(p) for p in prompt_batch], sampler=sampler,
-            tokenizer=tokenizer, reward_fn=reward_fn, group_size=rl.group_size,
-            sharding=_batch_sharding(config, state.params))
+        batch, scores, _, metrics = sample(state, prompt_batch, step=step, next_batch=next_batch)
         batch, device_metrics = finish(state.params, state.frozen, batch, scores)
         return batch, {**metrics, **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
 
-    base.params_init_fn = params_init
-    base.load_params = load if (config.init_from or rl.critic_init) else None
-    base.with_reference = "policy"
-    base.frozen_extra = {"kl_coef": jnp.float32(rl.kl_coef)}
-    base.rollout = rollout
-    evaluate = base.evaluate
-    base.evaluate = (lambda params, start: evaluate(params["policy"], start and start["policy"])) \
-        if evaluate else None
-    return base
+    return AlgorithmSetup(
+        dataset=prompt_dataset(config, inputs.records), params_init_fn=params_init,
+        load_params=load if (config.init_from or rl.critic_init) else None,
+        with_reference="policy", frozen_extra={"kl_coef": jnp.float32(rl.kl_coef)},
+        evaluate=(lambda params, start: evaluate(params["policy"], start and start["policy"]))
+        if evaluate else None,
+        summarize=summarize_run(config.algo, skip_report=inputs.skip_report), rollout=rollout)
 
 
 def ppo_step(config, model_cfg, rl: RlSpec, optimizer):

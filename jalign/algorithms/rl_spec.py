@@ -38,6 +38,9 @@ class RlSpec:
     kl_target: float | None = None
     kl_horizon: float = 10000.0
     critic_init: str = ""
+    # DAPO dynamic sampling
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4
     # online DPO: the pairwise loss (config.dpo)
     preference: PreferenceSpec | None = None
 
@@ -71,6 +74,13 @@ def rl_spec(config) -> RlSpec:
         raise ValueError(f"config.algo={algo!r} compares completions of a prompt: "
                          f"config.rl.group_size must be at least 2, got {rl.group_size}")
     kl_estimator = _choice(rl, "kl_estimator", KL_ESTIMATORS)
+    if rl.dynamic_sampling and algo == "ppo":
+        raise ValueError("config.rl.dynamic_sampling drops groups whose rewards tie, which "
+                         "only group-relative advantages need (grpo, rloo, online_dpo); PPO's "
+                         "critic gives tied groups advantages")
+    if int(rl.dynamic_sampling_max_rounds) < 0:
+        raise ValueError("config.rl.dynamic_sampling_max_rounds must be >= 0, got "
+                         f"{rl.dynamic_sampling_max_rounds!r}")
     rloo = algo == "rloo"
     policy_loss = dict(clip_eps_low=float(rl.clip_eps_low), clip_eps_high=float(rl.clip_eps_high),
                        loss_aggregation=_choice(rl, "loss_aggregation", LOSS_AGGREGATIONS),
@@ -87,5 +97,6 @@ def rl_spec(config) -> RlSpec:
         vf_coef=float(rl.vf_coef), value_clip=float(rl.value_clip),
         entropy_coef=float(rl.entropy_coef), kl_coef=float(rl.kl_coef),
         kl_target=float(rl.kl_target) or None, kl_horizon=float(rl.kl_horizon),
-        critic_init=rl.critic_init,
+        critic_init=rl.critic_init, dynamic_sampling=bool(rl.dynamic_sampling),
+        dynamic_sampling_max_rounds=int(rl.dynamic_sampling_max_rounds),
         preference=pair_spec(config, online=True) if algo == "online_dpo" else None)

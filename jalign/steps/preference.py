@@ -1,6 +1,6 @@
 """Reward-model, DPO-family and KTO steps over preference batches.
 
-Batches follow jalign.data.preference: rows of `tokens`, `loss_mask`,
+Batches follow jalign.data.preference_batches: rows of `tokens`, `loss_mask`,
 `segment_ids`, `positions` [R, T] plus `sequence_index` [R, T] (2p for pair p's
 chosen tokens, 2p+1 for its rejected ones, -1 on padding) and `pair_mask` [B]
 (1 for real pairs, 0 for filler slots). Padded and packed (padding-free) batches

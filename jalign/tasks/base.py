@@ -86,6 +86,12 @@ class Task(abc.ABC):
         rng = self._rng(seed, "prompts", split)
         return [self._prompt_in_split(rng, split) for _ in range(n)]
 
+    def prompt_records(self, n: int, *, seed: int, split: str = "train") -> list[dict[str, str]]:
+        """``prompts(n, seed=seed, split=split)`` as prompt-dataset rows: {"prompt",
+        "answer"} with the reference completion as the answer (what a verifier checks)."""
+        return [{"prompt": p, "answer": self.reference(p)}
+                for p in self.prompts(n, seed=seed, split=split)]
+
     def gold_reward(self, prompts: Sequence[str], completions: Sequence[Any]) -> np.ndarray:
         """Graded gold reward, float32 [n] in [0, 1]; 1 only for a correct completion.
 

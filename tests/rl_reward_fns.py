@@ -1,0 +1,52 @@
+"""Reward functions the online-RL tests name as "python:tests.rl_reward_fns.NAME"."""
+
+import math
+
+SEEN: list[dict] = []  # what check_columns received, call by call
+
+
+def check_columns(prompts, completions, answer, difficulty, completion_lengths, **kwargs):
+    """Records its inputs; 1.0 if the completion contains the answer's first character."""
+    assert len(prompts) == len(completions) == len(answer) == len(difficulty)
+    assert len(completion_lengths) == len(prompts)
+    SEEN.append({"prompts": list(prompts), "answer": list(answer),
+                 "difficulty": list(difficulty), "extra": sorted(kwargs)})
+    return [float(a[:1] in c) for a, c in zip(answer, completions)]
+
+
+def none_for_hard(prompts, completions, difficulty, **_):
+    """Scores only the easy rows (None for the hard ones, left out of the mean)."""
+    return [None if d == "hard" else 0.5 for d in difficulty]
+
+
+def positional_only(prompts, completions, answer):
+    """No **kwargs: receives only the column it names."""
+    return [0.0 for _ in prompts]
+
+
+def needs_missing_column(prompts, completions, solution, **_):
+    return [0.0 for _ in prompts]
+
+
+def raises_on_seven(prompts, completions, **_):
+    return [1.0 / (0 if "7" in p else 1) for p in prompts]
+
+
+def wrong_length(prompts, completions, **_):
+    return [0.0] * (len(prompts) + 1)
+
+
+def returns_text(prompts, completions, **_):
+    return ["good" for _ in prompts]
+
+
+def returns_nan(prompts, completions, **_):
+    return [math.nan for _ in prompts]
+
+
+def returns_a_string(prompts, completions, **_):
+    return "1.0"
+
+
+def always_zero(prompts, completions, **_):
+    return [0.0 for _ in prompts]
