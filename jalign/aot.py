@@ -283,6 +283,7 @@ if __name__ == "__main__":
     # Nor is this a TPU host: skip libtpu's metadata-server lookups (and their noise).
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")  # no "Failed to find host bounds" line
     config_flags.DEFINE_config_file("config", None, "Path to a configs/NAME.py file[:arg].",
                                     lock_config=True)
     flags.DEFINE_string("topology", None, "libtpu topology, e.g. v5e:2x2, v5p:2x4x4, v6e:4x4.")
