@@ -50,3 +50,10 @@ def returns_a_string(prompts, completions, **_):
 
 def always_zero(prompts, completions, **_):
     return [0.0 for _ in prompts]
+
+
+def length_if_even(prompts, completions, completion_lengths, **_):
+    """The completion's length for "add: A+B=" prompts with an even A, else 0: about half
+    the groups tie (all zero), the others vary."""
+    return [float(n) if int(p.split(":")[1].split("+")[0]) % 2 == 0 else 0.0
+            for p, n in zip(prompts, completion_lengths)]

@@ -14,15 +14,19 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jalign.loop import run
-from tests.train_helpers import load_config
+from tests.train_helpers import load_config, use_prompt_files
 
 
 
-
-
-def _make(kind: str, num_steps: int):
+def _make(kind: str, num_steps: int, tmp_path):
     if kind in ("grpo", "ppo"):
         config = load_config(f"{kind}_tiny", "test")
+        if kind == "grpo":
+            # The user-data path: JSONL prompts, a reward that ties about half the groups,
+            # and dynamic sampling, which draws more prompts from the checkpointed iterator.
+            use_prompt_files(config, tmp_path, rewards="python:tests.rl_reward_fns.length_if_even")
+            config.rl.dynamic_sampling = True
+            config.rl.dynamic_sampling_max_rounds = 2
     else:
         config = load_config("quickstart", "test")
         config.pipeline.stages = ""
@@ -52,12 +56,16 @@ def _final(workdir):
 @pytest.mark.parametrize("kind", ["reward", "dpo_lora", "grpo", "ppo"])
 def test_stopped_and_restarted_run_equals_the_uninterrupted_one(kind, tmp_path, capsys):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
-    run(_make(kind, 4), full)
-    run(_make(kind, 2), split)
-    run(_make(kind, 4), split)
+    run(_make(kind, 4, tmp_path), full)
+    run(_make(kind, 2, tmp_path), split)
+    run(_make(kind, 4, tmp_path), split)
     assert "Resumed from" in capsys.readouterr().out
     want, got = _metrics(full), _metrics(split)
     assert sorted(got) == [1, 2, 3, 4]
+    if kind == "grpo":  # the rewards vary, so the steps after the restart really train
+        assert all(got[s]["grad_norm"] > 0 for s in (3, 4))
+        assert max(got[s]["dynamic_sampling/frac_groups_dropped"] for s in got) > 0
+        assert max(got[s]["dynamic_sampling/rounds"] for s in got) > 1
     for step in (3, 4):
         for key in ("loss", "grad_norm"):
             np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-6,

@@ -1,4 +1,5 @@
-"""Each online-RL config's `test` variant runs through jalign.loop.run on 8 devices."""
+"""Each online-RL config's `test` variant runs through jalign.loop.run on 8 devices, on the
+user-data path: prompts and answers from JSONL files, scored by jalign.rewards verifiers."""
 
 import json
 
@@ -6,22 +7,24 @@ import numpy as np
 import pytest
 
 from jalign.loop import run
-from tests.train_helpers import load_config
-
-
+from tests.train_helpers import load_config, use_prompt_files
 
 
 
 @pytest.mark.parametrize("name", ["grpo_tiny", "rloo_tiny", "ppo_tiny", "online_dpo_tiny"])
-def test_test_variant_trains_and_writes_summary(name, tmp_path):
-    config = load_config(name, "test")
-    summary = run(config, str(tmp_path))
-    assert json.load(open(tmp_path / "summary.json")) == json.loads(json.dumps(summary))
+def test_test_variant_trains_from_jsonl_prompts_and_writes_summary(name, tmp_path):
+    config = use_prompt_files(load_config(name, "test"), tmp_path)
+    summary = run(config, str(tmp_path / "run"))
+    assert json.load(open(tmp_path / "run" / "summary.json")) == json.loads(json.dumps(summary))
     assert summary["algo"] == config.algo
     assert summary["initial"]["step"] == 0 and summary["final"]["step"] == config.train.num_steps
-    for key in ("gold_reward/greedy", "gold_reward/sampled", "kl/ref"):
+    for key in ("reward/greedy", "rewards/math_answer/greedy", "rewards/length_penalty/sampled",
+                "kl/ref"):
         assert np.isfinite(summary["final"][key]), key
     metrics = summary["final_metrics"]
+    for key in ("reward", "rewards/math_answer/mean", "rewards/length_penalty/std",
+                "frac_reward_zero_std"):
+        assert np.isfinite(metrics[key]), key
     assert metrics["skipped_nonfinite"] == 0 and np.isfinite(metrics["loss"])
     if name != "online_dpo_tiny":
         for key in ("objective/scores", "objective/rlhf_reward", "completions/mean_length",

@@ -77,3 +77,32 @@ def load_config(name: str, arg: str = ""):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+# Rewards that vary even for an untrained policy (the length penalty), so online-RL
+# tests see non-zero advantages and gradients.
+JSONL_RL_REWARDS = "math_answer,length_penalty:target=2,coef=0.1"
+
+
+def write_prompt_files(directory, *, task="add", num_train=64, num_eval=8, seed=0):
+    """A built-in task's prompts and answers as train/eval prompt JSONL files, exactly the
+    prompts a `data.source=task` run with `seed` draws. Returns (train path, eval path)."""
+    from jalign.tasks import get_task
+    task = get_task(task)
+    paths = []
+    for split, n, split_seed in (("train", num_train, seed), ("eval", num_eval, seed + 1)):
+        path = os.path.join(str(directory), f"{split}.jsonl")
+        with open(path, "w") as f:
+            for row in task.prompt_records(n, seed=split_seed, split=split):
+                f.write(json.dumps(row) + "\n")
+        paths.append(path)
+    return tuple(paths)
+
+
+def use_prompt_files(config, directory, *, rewards=JSONL_RL_REWARDS, task="add"):
+    """Points an online-RL config at prompt JSONL files written into `directory`."""
+    train, held_out = write_prompt_files(directory, task=task, num_train=64,
+                                         num_eval=config.eval.num_prompts, seed=config.seed)
+    config.data.source, config.data.path, config.data.eval_path = "jsonl", train, held_out
+    config.rl.reward_sources = rewards
+    return config
