@@ -1,4 +1,4 @@
-"""Online-RL objectives as pure functions of per-token log-probs: GRPO family, RLOO, PPO.
+"""Online-RL objectives as pure functions of per-token log-probs: GRPO family (GSPO), RLOO, PPO.
 
 Shapes: per-token arrays are [B, T] with a completion mask [B, T]; per-sequence
 arrays are [B]. Groups (several completions of one prompt) are contiguous:
@@ -7,12 +7,15 @@ rewards [num_prompts * group_size] reshape to [num_prompts, group_size].
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 LOSS_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_sum")
 
 
 def group_advantages(rewards_B, group_size: int, *, scale: str = "group", eps: float = 1e-4):
@@ -86,28 +89,89 @@ def aggregate(values_BxT, mask_BxT, *, mode: str, max_completion_length: int | N
     return v.sum() / (values_BxT.shape[0] * max_completion_length)
 
 
-def clipped_policy_loss(logps_BxT, old_logps_BxT, advantages_B, mask_BxT, *,
-                        clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
-                        dual_clip: float | None = None, loss_aggregation: str = "grpo",
-                        max_completion_length: int | None = None, ref_logps_BxT=None,
-                        kl_beta: float = 0.0, kl_estimator: str = "k3",
-                        sequence_level_ratio: bool = False):
-    """PPO / GRPO clipped surrogate with an optional KL term; returns (loss, metrics).
+def importance_log_weights(logps_BxT, old_logps_BxT, mask_BxT, *, level: str = "token"):
+    """log rho, the log importance ratio pi / pi_old: [B, T] per token or [B, 1] per sequence.
 
-    Schulman et al. 2017 (PPO, arXiv:1707.06347); GRPO (arXiv:2402.03300); DAPO
-    clip-higher (Yu et al. 2025, arXiv:2503.14476): rho = exp(logp - logp_old),
-        token loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + kl_beta * KL_t.
-    dual_clip = c (> 1) bounds the loss of negative advantages by -c A (Ye et al. 2020).
-    sequence_level_ratio uses exp(mean_t log-ratio) per sequence (GSPO, arXiv:2507.18071).
-    Metrics: policy/clipfrac_avg, policy/approxkl_avg (0.5 mean logratio^2), objective/kl.
+    level="token": log pi(y_t) - log pi_old(y_t) (PPO / GRPO).
+    level="sequence": the masked mean over the completion tokens (GSPO, Zheng et al. 2025,
+        arXiv:2507.18071), so rho_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|); the gradient reaches
+        each token through the mean, 1/|y_i| of the token-level one.
+    level="sequence_sum": the masked sum, rho_i = pi(y_i) / pi_old(y_i), the sequence-probability
+        ratio TRL 1.16's RLOOTrainer clips (no 1/|y_i| on the gradient).
+    Masked tokens contribute zero (and get zero gradient).
     """
-    clip_eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
+    if level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                         f"got {level!r}")
     mask = mask_BxT.astype(jnp.float32)
     logratio = jnp.where(mask > 0, logps_BxT - old_logps_BxT, 0.0)
-    if sequence_level_ratio:
-        seq = logratio.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
-        logratio = jnp.where(mask > 0, jnp.broadcast_to(seq[:, None], logratio.shape), 0.0)
-    ratio = jnp.exp(jnp.clip(logratio, -20.0, 20.0))
+    if level == "token":
+        return logratio
+    total = logratio.sum(-1, keepdims=True)
+    if level == "sequence_sum":
+        return total
+    return total / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+
+
+def _resolve_level(importance_sampling_level: str, sequence_level_ratio: bool | None) -> str:
+    if sequence_level_ratio is None:
+        return importance_sampling_level
+    warnings.warn("clipped_policy_loss(sequence_level_ratio=...) is deprecated: pass "
+                  "importance_sampling_level='sequence' (GSPO's exp(mean log-ratio), what "
+                  "sequence_level_ratio=True computed) or 'sequence_sum' (TRL RLOO's "
+                  "exp(sum log-ratio))", DeprecationWarning, stacklevel=3)
+    if not sequence_level_ratio:
+        return importance_sampling_level
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError("sequence_level_ratio=True means importance_sampling_level='sequence', "
+                         f"which contradicts {importance_sampling_level!r}")
+    return "sequence"
+
+
+def _trl_clip_mean(flags, mask):
+    # TRL's clip_ratio/* average: over sequences when there is one ratio per sequence,
+    # over completion tokens otherwise.
+    if flags.shape[1] == 1:
+        return jnp.mean(flags)
+    return aggregate(jnp.broadcast_to(flags, mask.shape), mask, mode="bnpo")
+
+
+def clipped_policy_loss(logps_BxT, old_logps_BxT, advantages_B, mask_BxT, *,
+                        clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
+                        dual_clip: float | None = None, importance_sampling_level: str = "token",
+                        loss_aggregation: str = "grpo", max_completion_length: int | None = None,
+                        ref_logps_BxT=None, kl_beta: float = 0.0, kl_estimator: str = "k3",
+                        use_bias_correction_kl: bool = False,
+                        sequence_level_ratio: bool | None = None):
+    """PPO / GRPO / GSPO / RLOO clipped surrogate with an optional KL term; returns (loss, metrics).
+
+    Schulman et al. 2017 (PPO, arXiv:1707.06347); GRPO (arXiv:2402.03300); DAPO clip-higher
+    (Yu et al. 2025, arXiv:2503.14476). With rho = exp(log w) from `importance_log_weights`
+    at `importance_sampling_level` ("token"; "sequence": GSPO, arXiv:2507.18071;
+    "sequence_sum": TRL RLOO's sequence-probability ratio; a sequence ratio is broadcast to
+    the sequence's tokens):
+        token loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + kl_beta * KL_t.
+    dual_clip = c > 1 bounds the loss of negative advantages by -c A (Ye et al. 2020,
+    arXiv:1912.09729); for c > 1 + eps_high it equals TRL GRPO's `delta` (INTELLECT-2).
+    KL_t is `kl_estimate(estimator=kl_estimator)`; use_bias_correction_kl multiplies it by rho
+    (no stop-gradient), which makes k3's gradient rho (log pi - log pi_ref), the unbiased
+    reverse-KL gradient (DeepSeek-V3.2, arXiv:2512.02556; TRL GRPOConfig's
+    use_bias_correction_kl, default True there). Log-ratios are capped at +-20 before exp.
+    `loss_aggregation` as in `aggregate`. `sequence_level_ratio` is deprecated
+    (True = importance_sampling_level="sequence").
+    Metrics: policy/clipfrac_avg and policy/approxkl_avg (0.5 mean log w^2), token means;
+    TRL's clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean (sequence means
+    at a sequence level); objective/kl (the KL term as it enters the loss, token mean).
+    """
+    level = _resolve_level(importance_sampling_level, sequence_level_ratio)
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (it bounds -A rho for A < 0), got {dual_clip!r}")
+    if kl_beta and ref_logps_BxT is None:
+        raise ValueError("kl_beta != 0 needs ref_logps_BxT")
+    clip_eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
+    mask = mask_BxT.astype(jnp.float32)
+    log_w = importance_log_weights(logps_BxT, old_logps_BxT, mask, level=level)
+    ratio = jnp.exp(jnp.clip(log_w, -20.0, 20.0))  # [B, T] or [B, 1]
     adv = jnp.asarray(advantages_B, jnp.float32)
     adv = adv if adv.ndim == 2 else adv[:, None]  # per-sequence [B] (GRPO) or per-token [B, T] (PPO)
     unclipped = -adv * ratio
@@ -115,16 +179,25 @@ def clipped_policy_loss(logps_BxT, old_logps_BxT, advantages_B, mask_BxT, *,
     token_loss = jnp.maximum(unclipped, clipped)
     if dual_clip is not None:
         token_loss = jnp.where(adv < 0, jnp.minimum(token_loss, -dual_clip * adv), token_loss)
+    token_loss = jnp.broadcast_to(token_loss, mask.shape)
     metrics = {}
     if ref_logps_BxT is not None:
         kl = kl_estimate(logps_BxT, ref_logps_BxT, estimator=kl_estimator)
+        if use_bias_correction_kl:
+            kl = kl * ratio
         token_loss = token_loss + kl_beta * kl
         metrics["objective/kl"] = aggregate(kl, mask, mode="bnpo")
     loss = aggregate(token_loss, mask, mode=loss_aggregation,
                      max_completion_length=max_completion_length)
-    clipped_frac = (clipped > unclipped).astype(jnp.float32)
+    clipped_frac = jnp.broadcast_to((clipped > unclipped).astype(jnp.float32), mask.shape)
     metrics["policy/clipfrac_avg"] = aggregate(clipped_frac, mask, mode="bnpo")
-    metrics["policy/approxkl_avg"] = aggregate(0.5 * jnp.square(logratio), mask, mode="bnpo")
+    metrics["policy/approxkl_avg"] = aggregate(
+        jnp.broadcast_to(0.5 * jnp.square(log_w), mask.shape), mask, mode="bnpo")
+    low = ((ratio < 1.0 - clip_eps_low) & (adv < 0)).astype(jnp.float32)
+    high = ((ratio > 1.0 + clip_eps_high) & (adv > 0)).astype(jnp.float32)
+    metrics["clip_ratio/low_mean"] = _trl_clip_mean(low, mask)
+    metrics["clip_ratio/high_mean"] = _trl_clip_mean(high, mask)
+    metrics["clip_ratio/region_mean"] = _trl_clip_mean(jnp.maximum(low, high), mask)
     return loss, metrics
 
 
