@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
         loss_aggregation="grpo",  # "grpo", "bnpo", "dr_grpo", "dapo"
         clip_eps_low=0.2, clip_eps_high=0.2,   # DAPO clip-higher: clip_eps_high=0.28
         kl_beta=0.0, kl_estimator="k3",
+        use_bias_correction_kl=True,     # GRPO: k3 KL x importance ratio (TRL 1.16's default)
+        importance_sampling_level="token",  # GRPO: "token" or "sequence" (GSPO)
+        dual_clip=0.0,            # > 1: bound negative-advantage losses by -dual_clip * A (0 = off)
         num_iterations=1,         # epochs over each rollout batch (PPO epochs)
         num_minibatches=1,        # shuffled minibatches per epoch, one optimizer step each
         # PPO with a critic

@@ -95,3 +95,25 @@ def test_a_pipeline_override_typo_fails_before_the_first_stage_trains(tmp_path, 
     with pytest.raises(ValueError, match=message):
         run_pipeline(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "sft")  # nothing trained
+
+
+def test_rl_section_reaches_the_policy_loss_as_trl_names_it():
+    from jalign.algorithms.rl_spec import rl_spec
+    config = base_config()
+    config.algo = "grpo"
+    config.rl.importance_sampling_level = "sequence"
+    config.rl.dual_clip = 3.0
+    config.rl.kl_beta = 0.04
+    loss = rl_spec(config).policy_loss
+    assert loss["importance_sampling_level"] == "sequence" and loss["dual_clip"] == 3.0
+    assert loss["use_bias_correction_kl"] is True and loss["kl_beta"] == 0.04  # TRL's default
+    config.algo = "rloo"
+    loss = rl_spec(config).policy_loss
+    assert loss["importance_sampling_level"] == "sequence_sum" and loss["kl_beta"] == 0.0
+    config.rl.dual_clip = 0.5
+    with pytest.raises(ValueError, match="config.rl.dual_clip must be > 1"):
+        rl_spec(config)
+    config.rl.dual_clip = 0.0
+    config.rl.importance_sampling_level = "sentence"
+    with pytest.raises(ValueError, match="config.rl.importance_sampling_level = 'sentence'"):
+        rl_spec(config)

@@ -187,6 +187,7 @@ def ppo_step(config, model_cfg, rl: RlSpec, optimizer):
     return make_ppo_step(
         decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl, with_stats=True),
         decoder_value_fn(model_cfg), optimizer, clip_eps=rl.policy_loss["clip_eps_low"],
+        dual_clip=rl.policy_loss["dual_clip"],
         value_clip=rl.value_clip, vf_coef=rl.vf_coef, entropy_coef=rl.entropy_coef,
         num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches,
         kl_target=rl.kl_target, kl_horizon=rl.kl_horizon)

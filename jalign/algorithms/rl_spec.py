@@ -82,11 +82,19 @@ def rl_spec(config) -> RlSpec:
         raise ValueError("config.rl.dynamic_sampling_max_rounds must be >= 0, got "
                          f"{rl.dynamic_sampling_max_rounds!r}")
     rloo = algo == "rloo"
+    level = _choice(rl, "importance_sampling_level", ("token", "sequence"))
+    dual_clip = float(rl.dual_clip)
+    if dual_clip and dual_clip <= 1.0:
+        raise ValueError(f"config.rl.dual_clip must be > 1 (or 0 for off), got {dual_clip}")
     policy_loss = dict(clip_eps_low=float(rl.clip_eps_low), clip_eps_high=float(rl.clip_eps_high),
                        loss_aggregation=_choice(rl, "loss_aggregation", LOSS_AGGREGATIONS),
                        # RLOO folds its KL penalty into the reward instead.
                        kl_beta=0.0 if rloo else float(rl.kl_beta), kl_estimator=kl_estimator,
-                       max_completion_length=int(rl.max_new_tokens), sequence_level_ratio=rloo)
+                       use_bias_correction_kl=bool(rl.use_bias_correction_kl),
+                       max_completion_length=int(rl.max_new_tokens),
+                       dual_clip=dual_clip or None,
+                       # TRL's RLOO: one ratio per sequence, exp(sum_t log-ratio)
+                       importance_sampling_level="sequence_sum" if rloo else level)
     return RlSpec(
         algo=algo, group_size=int(rl.group_size), max_new_tokens=int(rl.max_new_tokens),
         temperature=float(rl.temperature), reward_sources=sources, reward_weights=weights,

@@ -104,7 +104,7 @@ def make_policy_gradient_step(logprob_fn: Callable, optimizer: optax.GradientTra
             `jalign.steps.common`), e.g. `decoder_logprob_fn(model_cfg)`.
         loss_kwargs: keyword options of `jalign.losses.rl.clipped_policy_loss`
             (clip_eps_low/high, dual_clip, loss_aggregation, kl_beta, kl_estimator,
-            max_completion_length, sequence_level_ratio, ...).
+            use_bias_correction_kl, importance_sampling_level, max_completion_length).
         num_iterations, num_minibatches: epochs over the rollout batch and shuffled
             minibatches per epoch, one update each (see `run_epochs`); later updates
             see importance ratios != 1 (TRL's `num_iterations`).
