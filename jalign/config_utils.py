@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
         loss_weights=ml_collections.FieldReference(None, field_type=list),
         beta=0.1, label_smoothing=0.0, f_divergence="reverse_kl", f_alpha=0.5,
         simpo_gamma=0.5, cpo_alpha=1.0, rdpo_alpha=0.0,
+        # tokens of the NLL term (orpo, cpo, "sft" mixes): "completion" (jalign's default)
+        # or "prompt_and_completion" (TRL's ORPO / CPO)
+        nll_tokens="completion",
         desirable_weight=1.0, undesirable_weight=1.0,   # KTO
         reference="params",      # "params" (frozen tree) or "precomputed" (stored next to the data)
         ref_sync_every=0, ref_sync_mixup=0.6,           # TR-DPO
@@ -155,6 +158,7 @@ def validate_config(config: ml_collections.ConfigDict, *, algorithms: Sequence[s
     elif algorithms:
         _check_choice(config, "algo", algorithms)
     _check_choice(config, "dpo.reference", ("params", "precomputed"))
+    _check_choice(config, "dpo.nll_tokens", ("completion", "prompt_and_completion"))
     _check_choice(config, "data.source", ("task", "jsonl", "parquet"))
     _check_choice(config, "data.truncation", ("keep_end", "keep_start"))
     _check_choice(config, "data.on_bad_row", ("raise", "skip"))

@@ -45,6 +45,7 @@ class PreferenceSpec:
     ref_sync_every: int = 0
     ref_sync_mixup: float = 1.0
     grad_accum_steps: int = 1
+    nll_over_prompt: bool = False
 
 
 def _pair_loss_fn(dpo, types: tuple[str, ...]) -> tuple[Callable, bool]:
@@ -99,9 +100,14 @@ def pair_spec(config, *, online: bool = False) -> PreferenceSpec:
     if sync and config.model.lora_rank:
         raise ValueError("TR-DPO reference syncing (config.dpo.ref_sync_every > 0) does not apply "
                          "to LoRA runs, whose reference is the base model (model.lora_rank > 0)")
+    nll_over_prompt = dpo.nll_tokens == "prompt_and_completion"
+    if nll_over_prompt and not {"orpo", "cpo", "sft"} & set(types):
+        raise ValueError("config.dpo.nll_tokens='prompt_and_completion' applies to the NLL "
+                         f"term of orpo, cpo or an 'sft' mix; config.dpo.loss_type is {types}")
     return PreferenceSpec(loss_types=types, loss_fn=loss_fn, reference=reference,
                           beta=float(dpo.beta), ref_sync_every=sync,
-                          ref_sync_mixup=float(dpo.ref_sync_mixup), grad_accum_steps=accum)
+                          ref_sync_mixup=float(dpo.ref_sync_mixup), grad_accum_steps=accum,
+                          nll_over_prompt=nll_over_prompt)
 
 
 def kto_spec(config) -> PreferenceSpec:
@@ -299,7 +305,8 @@ def dpo_step(config, model_cfg, spec: PreferenceSpec, optimizer):
     return make_dpo_step(decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl),
                          optimizer, loss_fn=spec.loss_fn, reference=spec.reference,
                          ref_sync_every=spec.ref_sync_every, ref_sync_mixup=spec.ref_sync_mixup,
-                         grad_accum_steps=spec.grad_accum_steps)
+                         grad_accum_steps=spec.grad_accum_steps,
+                         nll_over_prompt=spec.nll_over_prompt)
 
 
 def kto_setup(config, model_cfg, spec, workdir):

@@ -34,17 +34,25 @@ def sequence_sums(values_RxT, mask_RxT, sequence_index_RxT, num_sequences: int):
 
 
 def sequence_logp_sums(logprob_fn: Callable, params, batch: Mapping[str, jax.Array],
-                       num_sequences: int, *, prefix: str = "", rng: jax.Array | None = None):
+                       num_sequences: int, *, prefix: str = "", rng: jax.Array | None = None,
+                       with_prompt: bool = False):
     """Summed completion log-probs and completion lengths per sequence ([S], [S]).
 
-    `prefix` reads the rows `prefix + key` of the batch (KTO's "kl_" rows).
+    `prefix` reads the rows `prefix + key` of the batch (KTO's "kl_" rows). With
+    `with_prompt`, also the sums and counts over every scored token of the sequence,
+    prompt included (its first token has no prediction): ([S], [S], [S], [S]).
     """
     view = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)} if prefix else batch
     logps_RxT = split_logprob_output(logprob_fn(params, view, rng))[0]
-    mask_RxT = completion_mask(view)
     seq_RxT = view["sequence_index"][:, 1:]
-    return (sequence_sums(logps_RxT, mask_RxT, seq_RxT, num_sequences),
-            sequence_sums(jnp.ones_like(logps_RxT), mask_RxT, seq_RxT, num_sequences))
+    masks = [completion_mask(view)]
+    if with_prompt:
+        masks.append(view["sequence_index"][:, :-1] == seq_RxT)  # next token, same sequence
+    out = []
+    for mask_RxT in masks:
+        out += [sequence_sums(logps_RxT, mask_RxT, seq_RxT, num_sequences),
+                sequence_sums(jnp.ones_like(logps_RxT), mask_RxT, seq_RxT, num_sequences)]
+    return tuple(out)
 
 
 def _pair_sums(losses_B, metrics, pair_mask_B, num_tokens):
@@ -118,7 +126,8 @@ REFERENCE_MODES = ("params", "precomputed", "none")
 
 def make_dpo_step(logprob_fn: Callable, optimizer: optax.GradientTransformation, *,
                   loss_fn: Callable, reference: str = "params", ref_sync_every: int = 0,
-                  ref_sync_mixup: float = 1.0, grad_accum_steps: int = 1) -> Callable:
+                  ref_sync_mixup: float = 1.0, grad_accum_steps: int = 1,
+                  nll_over_prompt: bool = False) -> Callable:
     """DPO-family step: one forward over chosen and rejected, any pairwise loss.
 
     Args:
@@ -138,6 +147,9 @@ def make_dpo_step(logprob_fn: Callable, optimizer: optax.GradientTransformation,
         ref_sync_every, ref_sync_mixup: TR-DPO (Gorbatovski et al. 2024): every N > 0
             steps the reference becomes `mixup * policy + (1 - mixup) * reference`.
         grad_accum_steps: microbatches of consecutive pairs (padded batches).
+        nll_over_prompt: pass `chosen_nll` to `loss_fn`: the token-mean NLL of the real
+            chosen sequences over prompt and completion tokens (TRL's ORPO / CPO NLL);
+            by default the loss computes its NLL from the completion log-probs.
 
     Metrics: the loss's (rewards/chosen, rewards/rejected, rewards/accuracies,
     rewards/margins, logps/chosen, logps/rejected for dpo_loss), loss, num_tokens
@@ -161,13 +173,20 @@ def make_dpo_step(logprob_fn: Callable, optimizer: optax.GradientTransformation,
 
     def sum_loss(params, state, batch):
         num_pairs = batch["pair_mask"].shape[0]
-        logps, lengths = sequence_logp_sums(logprob_fn, model_params(params, state.frozen), batch,
-                                            2 * num_pairs, rng=state.step_rng())
+        sums = sequence_logp_sums(logprob_fn, model_params(params, state.frozen), batch,
+                                  2 * num_pairs, rng=state.step_rng(), with_prompt=nll_over_prompt)
+        logps, lengths = sums[:2]
+        extra = {}
+        if nll_over_prompt:
+            real = batch["pair_mask"] > 0
+            total = jnp.where(real, sums[2][0::2], 0.0).sum()
+            count = jnp.maximum(jnp.where(real, sums[3][0::2], 0.0).sum(), 1.0)
+            extra["chosen_nll"] = jnp.broadcast_to(-total / count, (num_pairs,))
         ref_c, ref_r = reference_logps(state, batch, num_pairs)
         losses, metrics = loss_fn(logps[0::2], logps[1::2], ref_c, ref_r,
                                   chosen_lengths=jnp.maximum(lengths[0::2], 1.0),
                                   rejected_lengths=jnp.maximum(lengths[1::2], 1.0),
-                                  mask=batch["pair_mask"])
+                                  mask=batch["pair_mask"], **extra)
         return _pair_sums(losses, metrics, batch["pair_mask"], lengths.sum())
 
     def step(state: TrainState, batch):

@@ -242,3 +242,29 @@ def test_packed_and_padded_batches_of_the_same_pairs_give_the_same_metrics(kind)
     for key in keys:
         np.testing.assert_allclose(m_packed[key], m_padded[key], rtol=1e-5, atol=1e-6,
                                    err_msg=key)
+
+
+def test_orpo_nll_over_prompt_and_completion_is_trls_form():
+    opt = optax.sgd(0.0)
+    state, _ = init_train_state(decoder_init_fn(CFG), opt, _mesh(), shd.DEFAULT_RULES, seed=0)
+    batch = _batches(1)[0]
+
+    def orpo(c, r, ref_c, ref_r, **kwargs):
+        del ref_c, ref_r
+        return losses.orpo_loss(c, r, beta=0.1, **kwargs)
+
+    metrics = {flag: jax.jit(make_dpo_step(decoder_logprob_fn(CFG), opt, loss_fn=orpo,
+                                           reference="none", nll_over_prompt=flag))(state, batch)[1]
+               for flag in (False, True)}
+    hidden = Decoder(CFG).apply({"params": state.params}, batch["tokens"], batch["positions"],
+                                batch["segment_ids"])
+    with jax.default_matmul_precision("highest"):
+        logits = np.asarray(hidden[:, :-1] @ unembedding(state.params, CFG), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    tok = np.take_along_axis(logp, batch["tokens"][:, 1:, None], -1)[..., 0][0::2]
+    every = (batch["segment_ids"][0::2, 1:] > 0)           # prompt and completion tokens
+    completion = batch["loss_mask"][0::2, 1:] > 0
+    np.testing.assert_allclose(metrics[True]["nll_loss"], -tok[every].sum() / every.sum(), rtol=1e-5)
+    np.testing.assert_allclose(metrics[False]["nll_loss"], -tok[completion].sum() / completion.sum(),
+                               rtol=1e-5)
