@@ -53,7 +53,7 @@ def _ppo_iteration(mesh_shape, devices, tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "make_array_from_process_local_data", lambda s, x: (uploads.append(
         (np.shape(x), np.asarray(x).dtype)), upload(s, x))[1])
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules), jax.transfer_guard("disallow"):
-        batch, rollout_metrics = setup.rollout(state, prompts)
+        batch, rollout_metrics = setup.rollout(state, prompts, step=0, next_batch=None)
         new_state, metrics = step(state, batch)
     monkeypatch.undo()
     return dict(batch=batch, batch_sharding=batch_sharding, downloads=downloads, uploads=uploads,
