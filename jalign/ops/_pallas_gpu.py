@@ -28,15 +28,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from jalign.ops._reference import transform_logits
-from jalign.ops._sharded import (TOKEN_AXES, VOCAB_AXIS, finish, out_struct, round_up,
-                                 sharded_outputs, vary_alike)
+from jalign.ops._sharded import kernel_op, out_struct, round_up, vary_alike
 
 _NEG_BIG = float(jnp.finfo(jnp.float32).min)  # finite initial max: see _chunked
 _NN = (((1,), (0,)), ((), ()))
@@ -216,47 +214,9 @@ def _backward(h, w, t, stats, cfg: GpuConfig):
     return dh[:n, :hidden].astype(h.dtype), dw[:hidden, :vocab]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _local(h, w, t, cfg: GpuConfig):
-    return _local_fwd(h, w, t, cfg)[0]
+token_logprobs_pallas_gpu = kernel_op(plan, _forward, _backward)
+token_logprobs_pallas_gpu.__name__ = "token_logprobs_pallas_gpu"
+token_logprobs_pallas_gpu.__doc__ = """Returns (logps_N, lse_N, entropy_N or None, max_logit_N), all float32.
 
-
-def _local_fwd(h, w, t, cfg: GpuConfig):
-    tl, lse, mx, ent = _forward(h, w, t, cfg)
-    outs = (tl, lse, mx, ent) if cfg.with_entropy else (tl, lse, mx)
-    return outs, (h, w, t, lse, ent)
-
-
-def _local_bwd(cfg: GpuConfig, residuals, cotangents):
-    h, w, t, lse, ent = residuals
-    stats = [lse, cotangents[0], cotangents[1]]  # cotangents[2]: max logit, no gradient
-    if cfg.with_entropy:
-        stats += [ent, cotangents[3]]
-    dh, dw = _backward(h, w, t, stats, cfg)
-    return dh, dw, None
-
-
-_local.defvjp(_local_fwd, _local_bwd)
-
-
-def local_outputs(h, w, t, **kw):
-    """Single-shard op: (target logit, lse, max, entropy or None), float32 [N]."""
-    cfg = plan(h.shape[0], h.shape[1], w.shape[1], h.dtype, **kw)
-    outs = _local(*vary_alike(h, w, t), cfg)
-    return tuple(outs) if cfg.with_entropy else (*outs, None)
-
-
-def token_logprobs_pallas_gpu(hidden_NxH, unembed_HxV, targets_N, *, temperature: float,
-                              logit_softcap: float | None, with_entropy: bool,
-                              block_tokens: int, block_vocab: int, interpret: bool = False,
-                              token_axes=TOKEN_AXES, vocab_axis=VOCAB_AXIS):
-    """Returns (logps_N, lse_N, entropy_N or None, max_logit_N), all float32.
-
-    `interpret=True` runs the kernels with Pallas' interpreter (any backend).
-    """
-    outs = sharded_outputs(local_outputs, hidden_NxH, unembed_HxV, targets_N,
-                           with_entropy=with_entropy, token_axes=token_axes,
-                           vocab_axis=vocab_axis, temperature=temperature,
-                           logit_softcap=logit_softcap, block_tokens=block_tokens,
-                           block_vocab=block_vocab, interpret=interpret)
-    return finish(*outs, targets_N, unembed_HxV.shape[1])
+`interpret=True` runs the kernels with Pallas' interpreter (any backend).
+"""

@@ -29,15 +29,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jalign.ops._reference import project_logits, transform_logits
-from jalign.ops._sharded import (TOKEN_AXES, VOCAB_AXIS, finish, out_struct, round_up,
-                                 sharded_outputs, vary_alike)
+from jalign.ops._sharded import kernel_op, out_struct, round_up
 
 _NEG_BIG = float(jnp.finfo(jnp.float32).min)  # finite initial max: see _chunked
 _MiB = 1 << 20
@@ -282,49 +280,11 @@ def _backward(h, w, t, stats_Nxk, cfg: TpuConfig):
     return dh[:n, :hidden], dw[:hidden, :vocab]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _local(h, w, t, cfg: TpuConfig):
-    return _local_fwd(h, w, t, cfg)[0]
+token_logprobs_pallas_tpu = kernel_op(plan, _forward, lambda h, w, t, stats, cfg: _backward(
+    h, w, t, jnp.stack(stats, axis=1).astype(jnp.float32), cfg))
+token_logprobs_pallas_tpu.__name__ = "token_logprobs_pallas_tpu"
+token_logprobs_pallas_tpu.__doc__ = """Returns (logps_N, lse_N, entropy_N or None, max_logit_N), all float32.
 
-
-def _local_fwd(h, w, t, cfg: TpuConfig):
-    tl, lse, mx, ent = _forward(h, w, t, cfg)
-    outs = (tl, lse, mx, ent) if cfg.with_entropy else (tl, lse, mx)
-    return outs, (h, w, t, lse, ent)
-
-
-def _local_bwd(cfg: TpuConfig, residuals, cotangents):
-    h, w, t, lse, ent = residuals
-    # cotangents[2] belongs to the max logit, which is not differentiated.
-    columns = [lse, cotangents[0], cotangents[1]]
-    if cfg.with_entropy:
-        columns += [ent, cotangents[3]]
-    dh, dw = _backward(h, w, t, jnp.stack(columns, axis=1).astype(jnp.float32), cfg)
-    return dh, dw, None
-
-
-_local.defvjp(_local_fwd, _local_bwd)
-
-
-def local_outputs(h, w, t, **kw):
-    """Single-shard op: (target logit, lse, max, entropy or None), float32 [N]."""
-    cfg = plan(h.shape[0], h.shape[1], w.shape[1], h.dtype, **kw)
-    outs = _local(*vary_alike(h, w, t), cfg)
-    return tuple(outs) if cfg.with_entropy else (*outs, None)
-
-
-def token_logprobs_pallas_tpu(hidden_NxH, unembed_HxV, targets_N, *, temperature: float,
-                              logit_softcap: float | None, with_entropy: bool,
-                              block_tokens: int, block_vocab: int, interpret=False,
-                              token_axes=TOKEN_AXES, vocab_axis=VOCAB_AXIS):
-    """Returns (logps_N, lse_N, entropy_N or None, max_logit_N), all float32.
-
-    Runs as Mosaic on TPU. Elsewhere pass `interpret` (True, or
-    `pltpu.InterpretParams`) or trace under `pltpu.force_tpu_interpret_mode()`.
-    """
-    outs = sharded_outputs(local_outputs, hidden_NxH, unembed_HxV, targets_N,
-                           with_entropy=with_entropy, token_axes=token_axes,
-                           vocab_axis=vocab_axis, temperature=temperature,
-                           logit_softcap=logit_softcap, block_tokens=block_tokens,
-                           block_vocab=block_vocab, interpret=interpret)
-    return finish(*outs, targets_N, unembed_HxV.shape[1])
+Runs as Mosaic on TPU. Elsewhere pass `interpret` (True, or `pltpu.InterpretParams`)
+or trace under `pltpu.force_tpu_interpret_mode()`.
+"""

@@ -109,3 +109,54 @@ def finish(tl, lse, mx, ent, t, vocab: int):
     """(logps, lse, entropy, max_logit) from the kernels' outputs."""
     logps = jnp.where(valid_targets(t, vocab), tl - lse, 0.0)
     return logps, lse, ent, mx
+
+
+def kernel_op(plan, forward, backward):
+    """A log-prob kernel's public op from its three pieces (both Pallas backends use it).
+
+    `plan(n, hidden, vocab, dtype, **options) -> cfg` (a frozen config with
+    `with_entropy`), `forward(h, w, t, cfg) -> (target logit, lse, max, entropy)` and
+    `backward(h, w, t, stats, cfg) -> (dh, dw)` with `stats` = [lse, d target logit,
+    d lse] (+ [entropy, d entropy] with entropy): the max logit gets no gradient.
+    Returns `token_logprobs(hidden_NxH, unembed_HxV, targets_N, *, temperature,
+    logit_softcap, with_entropy, block_tokens, block_vocab, interpret, token_axes,
+    vocab_axis) -> (logps, lse, entropy or None, max_logit)`, sharded with
+    `sharded_outputs`.
+    """
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def local(h, w, t, cfg):
+        return local_fwd(h, w, t, cfg)[0]
+
+    def local_fwd(h, w, t, cfg):
+        tl, lse, mx, ent = forward(h, w, t, cfg)
+        outs = (tl, lse, mx, ent) if cfg.with_entropy else (tl, lse, mx)
+        return outs, (h, w, t, lse, ent)
+
+    def local_bwd(cfg, residuals, cotangents):
+        h, w, t, lse, ent = residuals
+        stats = [lse, cotangents[0], cotangents[1]]  # cotangents[2]: the max logit
+        if cfg.with_entropy:
+            stats += [ent, cotangents[3]]
+        dh, dw = backward(h, w, t, stats, cfg)
+        return dh, dw, None
+
+    local.defvjp(local_fwd, local_bwd)
+
+    def local_outputs(h, w, t, **options):
+        """Single-shard op: (target logit, lse, max, entropy or None), float32 [N]."""
+        cfg = plan(h.shape[0], h.shape[1], w.shape[1], h.dtype, **options)
+        outs = local(*vary_alike(h, w, t), cfg)
+        return tuple(outs) if cfg.with_entropy else (*outs, None)
+
+    def token_logprobs(hidden_NxH, unembed_HxV, targets_N, *, temperature: float,
+                       logit_softcap: float | None, with_entropy: bool, block_tokens: int,
+                       block_vocab: int, interpret=False, token_axes=TOKEN_AXES,
+                       vocab_axis=VOCAB_AXIS):
+        outs = sharded_outputs(local_outputs, hidden_NxH, unembed_HxV, targets_N,
+                               with_entropy=with_entropy, token_axes=token_axes,
+                               vocab_axis=vocab_axis, temperature=temperature,
+                               logit_softcap=logit_softcap, block_tokens=block_tokens,
+                               block_vocab=block_vocab, interpret=interpret)
+        return finish(*outs, targets_N, unembed_HxV.shape[1])
+
+    return token_logprobs
