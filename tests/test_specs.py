@@ -117,3 +117,11 @@ def test_rl_section_reaches_the_policy_loss_as_trl_names_it():
     config.rl.importance_sampling_level = "sentence"
     with pytest.raises(ValueError, match="config.rl.importance_sampling_level = 'sentence'"):
         rl_spec(config)
+
+
+def test_reward_sources_with_parameters_split_where_a_new_source_starts():
+    from jalign.algorithms.rl_spec import split_reward_sources
+    assert split_reward_sources("math_answer, soft_overlong:max=64,cache=16,python:m.f") == (
+        "math_answer", "soft_overlong:max=64,cache=16", "python:m.f")
+    assert split_reward_sources("length_penalty:target=2,coef=0.1,gold,") == (
+        "length_penalty:target=2,coef=0.1", "gold")

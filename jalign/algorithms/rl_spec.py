@@ -50,6 +50,20 @@ class RlSpec:
         return self.preference is not None or self.kl_beta > 0
 
 
+def split_reward_sources(text: str) -> tuple[str, ...]:
+    """"math_answer,soft_overlong:max=64,cache=16,python:m.f" -> its three sources: a
+    `key=value` item continues the parameters of the source before it."""
+    items: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if items and "=" in part and ":" not in part:
+            items[-1] += "," + part
+        else:
+            items.append(part)
+    return tuple(items)
+
+
 def _choice(rl, key: str, choices) -> str:
     value = rl[key]
     if value not in choices:
@@ -59,7 +73,7 @@ def _choice(rl, key: str, choices) -> str:
 
 def rl_spec(config) -> RlSpec:
     rl, algo = config.rl, config.algo
-    sources = tuple(s.strip() for s in rl.reward_sources.split(",") if s.strip())
+    sources = split_reward_sources(rl.reward_sources)
     weights = tuple(float(w) for w in (rl.reward_weights or [1.0] * len(sources)))
     if not sources:
         raise ValueError("config.rl.reward_sources is empty; e.g. 'gold', 'model' or "
