@@ -22,6 +22,8 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 # Projections LoRA adapters can wrap (the names of the decoder's weights).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_QUANTIZATION = ("none", "int8", "nf4")
+# How the projections' weight gradients are computed (jalign.models.projection).
+PROJECTION_BACKWARDS = ("autodiff", "cpu_transposed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,10 @@ class ModelConfig:
     mapping in Hugging Face's form, e.g. {"rope_type": "llama3", "factor": 8.0,
     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192}.
+
+    `projection_backward`: "autodiff" (default, every backend) or "cpu_transposed",
+    a weight-gradient layout that is faster on XLA:CPU; the gradients are the same
+    up to float rounding (`jalign.models.projection`); forward mode works under both.
     """
 
     vocab_size: int = 128
@@ -100,6 +106,7 @@ class ModelConfig:
     lora_base_dtype: str = "bfloat16"
     lora_quantization: str = "none"
     lora_quantization_block: int = 64
+    projection_backward: str = "autodiff"
 
     def __post_init__(self):
         if self.layer_types is not None and not isinstance(self.layer_types, tuple):
@@ -168,6 +175,9 @@ class ModelConfig:
             if not isinstance(self.lora_quantization_block, int) or self.lora_quantization_block <= 0:
                 errors.append("model.lora_quantization_block must be a positive int, "
                               f"got {self.lora_quantization_block!r}")
+        if self.projection_backward not in PROJECTION_BACKWARDS:
+            errors.append(f"model.projection_backward must be one of {PROJECTION_BACKWARDS}, "
+                          f"got {self.projection_backward!r}")
         if errors:
             raise ValueError("; ".join(errors))
 

@@ -12,15 +12,16 @@ Logical axes used: "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp",
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import qwix
 
 from jalign.models.config import ModelConfig
+from jalign.models.projection import project
 
 _INIT = nn.initializers.normal(stddev=0.02)
 
@@ -34,56 +35,12 @@ def _param(module: nn.Module, name: str, shape, axes, init=_INIT):
 _LORA_A_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense(equation: str, x, w):
-    """`einsum(equation, x, w)` with a hand-written backward pass.
-
-    For this module's projections, which contract x's trailing axes with w's leading
-    ones. Autodiff's dW = x^T dy made XLA:CPU write dy (e.g. the [tokens, 688] MLP
-    gradients) transposed inside the elementwise backward fusions, about a tenth of
-    the DPO benchmark step; here dW is a plain matmul over a transposed copy of the
-    smaller of x and dy (benchmarks/RESULTS.md, "DPO step").
-    """
-    return jnp.einsum(equation, x, w)
-
-
-def _dense_fwd(equation, x, w):
-    return jnp.einsum(equation, x, w), (x, w)
-
-
-def _dense_bwd(equation, residuals, dy):
-    x, w = residuals
-    n_in = _contracted(equation)
-    x_NxI = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))
-    w_IxO = w.reshape(x_NxI.shape[1], -1)
-    dy_NxO = dy.reshape(x_NxI.shape[0], -1)
-    dx_NxI = jax.lax.dot_general(dy_NxO, w_IxO, (((1,), (1,)), ((), ())))
-    # The barrier keeps the transpose a materialised copy: folded into the dot, XLA
-    # picks the slow layouts again.
-    if w_IxO.shape[0] <= w_IxO.shape[1]:
-        dw_IxO = jnp.dot(jax.lax.optimization_barrier(x_NxI.T), dy_NxO)
-    else:
-        dw_IxO = jnp.dot(jax.lax.optimization_barrier(dy_NxO.T), x_NxI).T
-    return dx_NxI.reshape(x.shape), dw_IxO.reshape(w.shape)
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-def _contracted(equation: str) -> int:
-    """How many of w's leading axes `equation` contracts with x's trailing ones;
-    0 when the equation is not of that form."""
-    inputs, out = equation.split("->")
-    x_sub, w_sub = inputs.split(",")
-    n_in = sum(ch in x_sub for ch in w_sub)
-    ok = n_in and x_sub.endswith(w_sub[:n_in]) and out == x_sub[:-n_in] + w_sub[n_in:]
-    return n_in if ok else 0
-
-
 def _project(module: nn.Module, name: str, equation: str, x, shape, axes):
     """`einsum(equation, x, W)` for the weight `name`, plus its LoRA delta if it has one.
 
     W may be stored quantised (a qwix QArray, for QLoRA): it is dequantised here.
+    `config.projection_backward` picks how W's gradient is computed
+    (`jalign.models.projection`).
     The adapters `name_lora_a` [in..., r] and `name_lora_b` [r, out...] are created
     at init when the config targets `name`; at apply they are used only if present,
     so a params tree without them computes the base model exactly.
@@ -91,17 +48,10 @@ def _project(module: nn.Module, name: str, equation: str, x, shape, axes):
     c = module.config
     dt = c.compute_dtype
     w = _param(module, name, shape, axes)
-    if hasattr(w, "qvalue"):  # quantised frozen base (jalign.lora.quantize_base)
-        from jalign.lora import dequantize
-        w = dequantize(w)
+    if isinstance(w, qwix.QArray):  # quantised frozen base (jalign.lora.freeze_base)
+        w = qwix.dequantize(w)
     w = w.astype(dt)
-    if _contracted(equation):
-        # The hand-written backward is an XLA:CPU layout fix; TPU and GPU keep autodiff's.
-        y = jax.lax.platform_dependent(
-            x, w, cpu=functools.partial(_dense, equation),
-            default=functools.partial(jnp.einsum, equation))
-    else:
-        y = jnp.einsum(equation, x, w)
+    y = project(equation, x, w, c.projection_backward)
     if not c.lora_rank or name not in c.lora_targets:
         return y
     a_name, b_name = f"{name}_lora_a", f"{name}_lora_b"
