@@ -52,8 +52,15 @@ def always_zero(prompts, completions, **_):
     return [0.0 for _ in prompts]
 
 
-def length_if_even(prompts, completions, completion_lengths, **_):
-    """The completion's length for "add: A+B=" prompts with an even A, else 0: about half
-    the groups tie (all zero), the others vary."""
-    return [float(n) if int(p.split(":")[1].split("+")[0]) % 2 == 0 else 0.0
-            for p, n in zip(prompts, completion_lengths)]
+def digit_fraction(prompts, completions, **_):
+    """The fraction of the completion's characters that are digits: varies between the
+    samples of even an untrained policy (whose completions all run to the length limit)."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def digits_if_even(prompts, completions, **kwargs):
+    """`digit_fraction` for "add: A+B=" prompts with an even A, else 0: about half the
+    groups tie (all zero), the others vary."""
+    scores = digit_fraction(prompts, completions)
+    return [s if int(p.split(":")[1].split("+")[0]) % 2 == 0 else 0.0
+            for p, s in zip(prompts, scores)]

@@ -24,7 +24,7 @@ def _make(kind: str, num_steps: int, tmp_path):
         if kind == "grpo":
             # The user-data path: JSONL prompts, a reward that ties about half the groups,
             # and dynamic sampling, which draws more prompts from the checkpointed iterator.
-            use_prompt_files(config, tmp_path, rewards="python:tests.rl_reward_fns.length_if_even")
+            use_prompt_files(config, tmp_path, rewards="python:tests.rl_reward_fns.digits_if_even")
             config.rl.dynamic_sampling = True
             config.rl.dynamic_sampling_max_rounds = 2
     else:

@@ -18,11 +18,11 @@ def test_test_variant_trains_from_jsonl_prompts_and_writes_summary(name, tmp_pat
     assert json.load(open(tmp_path / "run" / "summary.json")) == json.loads(json.dumps(summary))
     assert summary["algo"] == config.algo
     assert summary["initial"]["step"] == 0 and summary["final"]["step"] == config.train.num_steps
-    for key in ("reward/greedy", "rewards/math_answer/greedy", "rewards/length_penalty/sampled",
-                "kl/ref"):
+    for key in ("reward/greedy", "rewards/math_answer/greedy", "rewards/digit_fraction/sampled",
+                "rewards/soft_overlong/sampled", "kl/ref"):
         assert np.isfinite(summary["final"][key]), key
     metrics = summary["final_metrics"]
-    for key in ("reward", "rewards/math_answer/mean", "rewards/length_penalty/std",
+    for key in ("reward", "rewards/math_answer/mean", "rewards/digit_fraction/std",
                 "frac_reward_zero_std"):
         assert np.isfinite(metrics[key]), key
     assert metrics["skipped_nonfinite"] == 0 and np.isfinite(metrics["loss"])

@@ -79,9 +79,10 @@ def load_config(name: str, arg: str = ""):
     return module.get_config(arg)
 
 
-# Rewards that vary even for an untrained policy (the length penalty), so online-RL
-# tests see non-zero advantages and gradients.
-JSONL_RL_REWARDS = "math_answer,length_penalty:target=2,coef=0.1"
+# A verifier and a reward that varies even for an untrained policy, so online-RL tests
+# see non-zero advantages and gradients (and a built-in with parameters).
+JSONL_RL_REWARDS = ("math_answer,python:tests.rl_reward_fns.digit_fraction,"
+                    "soft_overlong:max=8,cache=4")
 
 
 def write_prompt_files(directory, *, task="add", num_train=64, num_eval=8, seed=0):
