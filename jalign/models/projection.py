@@ -6,9 +6,10 @@
 * "cpu_transposed": the same forward, with dW computed as a plain matmul over a
   materialised transposed copy of the smaller of x and dy. On XLA:CPU autodiff's
   dW = x^T dy made XLA write dy (e.g. the [tokens, 688] MLP gradients) transposed
-  inside the elementwise backward fusions, about a tenth of the DPO benchmark step
-  (benchmarks/RESULTS.md, "DPO step"). It gives autodiff's gradients up to float
-  rounding on every backend, but helps only XLA:CPU.
+  inside the elementwise backward fusions: the option saves about 13% of the CPU time
+  of the DPO benchmark step (benchmarks/RESULTS.md, "The projection backward as an
+  option"). It gives autodiff's gradients up to float rounding on every backend,
+  but helps only XLA:CPU.
 
 "cpu_transposed" is a `jax.custom_jvp`, not a `custom_vjp`: the rule is forward-mode,
 written so that JAX's transpose of its tangent map is the backward above. So
