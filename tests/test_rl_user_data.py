@@ -22,6 +22,7 @@ def test_grpo_on_jsonl_prompts_equals_the_task_run_and_one_device(tmp_path):
     from_files = run(config, str(tmp_path / "jsonl"))
     task_config = _config(tmp_path)
     task_config.data.source = "task"  # the same prompts, drawn from the task itself
+    task_config.data.num_train_examples = 64  # as many as the file holds
     from_task = run(task_config, str(tmp_path / "task"))
     files, task = read_metrics(str(tmp_path / "jsonl")), read_metrics(str(tmp_path / "task"))
     assert sorted(files) == [1, 2, 3]
