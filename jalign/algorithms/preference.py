@@ -204,16 +204,21 @@ def held_out_pair_metrics(batches, rewards_fn) -> tuple[float, float]:
 
 # --------------------------------------------------------------------- reward model
 
-def reward_setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
-    del spec, workdir
+def _preference_data(config, model_cfg: ModelConfig, *, paired: bool):
+    """(tokenizer, task, training records, their skip report, held-out pair batches)."""
     tokenizer = load_tokenizer(config)
     check_vocab(model_cfg, tokenizer)
-    _, train, report = _records(config, tokenizer, paired=True, split="train",
-                                n=config.data.num_train_examples,
-                                label_noise=config.data.label_noise)
+    task, train, report = _records(config, tokenizer, paired=paired, split="train",
+                                   n=config.data.num_train_examples,
+                                   label_noise=config.data.label_noise)
     _, held_out, _ = _records(config, tokenizer, paired=True, split="eval",
                               n=config.data.num_eval_pairs, label_noise=0.0)
-    batches = _eval_batches(config, tokenizer, held_out)
+    return tokenizer, task, train, report, _eval_batches(config, tokenizer, held_out)
+
+
+def reward_setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
+    del spec, workdir
+    tokenizer, _, train, report, batches = _preference_data(config, model_cfg, paired=True)
     score = jax.jit(decoder_score_fn(model_cfg))
 
     def evaluate(params, start_params):
@@ -263,14 +268,7 @@ def _precompute_reference(config, model_cfg, tokenizer, records, params, workdir
 
 def _dpo_like_setup(config, model_cfg: ModelConfig, spec: PreferenceSpec, workdir: str, *,
                     paired: bool) -> AlgorithmSetup:
-    tokenizer = load_tokenizer(config)
-    check_vocab(model_cfg, tokenizer)
-    task, train, report = _records(config, tokenizer, paired=paired, split="train",
-                                   n=config.data.num_train_examples,
-                                   label_noise=config.data.label_noise)
-    _, held_out, _ = _records(config, tokenizer, paired=True, split="eval",
-                              n=config.data.num_eval_pairs, label_noise=0.0)
-    batches = _eval_batches(config, tokenizer, held_out)
+    tokenizer, task, train, report, batches = _preference_data(config, model_cfg, paired=paired)
     logprob_fn = decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl)
     logps_fn = jax.jit(lambda p, b: sequence_logp_sums(logprob_fn, p, b,
                                                        2 * b["pair_mask"].shape[0])[0])

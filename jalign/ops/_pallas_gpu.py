@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from jalign.ops._reference import transform_logits
-from jalign.ops._sharded import kernel_op, out_struct, round_up, vary_alike
+from jalign.ops._sharded import KernelConfig, kernel_op, out_struct, round_up, vary_alike
 
 _NEG_BIG = float(jnp.finfo(jnp.float32).min)  # finite initial max: see _chunked
 _NN = (((1,), (0,)), ((), ()))
@@ -44,14 +44,8 @@ _DZ_CHUNK_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
-class GpuConfig:
+class GpuConfig(KernelConfig):
     """Static settings of one call; block sizes are powers of two (Triton)."""
-    temperature: float
-    logit_softcap: float | None
-    with_entropy: bool
-    vocab: int  # valid (unpadded) vocabulary columns of this shard
-    block_tokens: int
-    block_vocab: int
     block_hidden: int
     chunk_vocab: int  # vocabulary columns per backward dz chunk (multiple of block_vocab)
     num_warps: int
@@ -75,12 +69,11 @@ def plan(n: int, hidden: int, vocab: int, dtype, *, temperature: float,
     per_chunk = max(bv, _DZ_CHUNK_BYTES // (round_up(n, bt) * jnp.dtype(dtype).itemsize))
     n_chunks = -(-vocab // per_chunk)
     chunk = round_up(-(-vocab // n_chunks), bv)
-    return GpuConfig(temperature=float(temperature),
-                     logit_softcap=None if logit_softcap is None else float(logit_softcap),
-                     with_entropy=bool(with_entropy), vocab=int(vocab), block_tokens=bt,
-                     block_vocab=bv, block_hidden=bk, chunk_vocab=chunk,
-                     num_warps=4 if bt * bv <= 64 * 128 else 8, num_stages=3,
-                     interpret=bool(interpret))
+    return GpuConfig.create(temperature=temperature, logit_softcap=logit_softcap,
+                            with_entropy=with_entropy, vocab=vocab, block_tokens=bt,
+                            block_vocab=bv, block_hidden=bk, chunk_vocab=chunk,
+                            num_warps=4 if bt * bv <= 64 * 128 else 8, num_stages=3,
+                            interpret=bool(interpret))
 
 
 def _logits(h_ref, w_ref, j, cfg: GpuConfig):

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jalign.ops._reference import project_logits, transform_logits
-from jalign.ops._sharded import kernel_op, out_struct, round_up
+from jalign.ops._sharded import KernelConfig, kernel_op, out_struct, round_up
 
 _NEG_BIG = float(jnp.finfo(jnp.float32).min)  # finite initial max: see _chunked
 _MiB = 1 << 20
@@ -44,14 +44,8 @@ _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 @dataclasses.dataclass(frozen=True)
-class TpuConfig:
+class TpuConfig(KernelConfig):
     """Static settings of one kernel call (blocks already legal and fitted)."""
-    temperature: float
-    logit_softcap: float | None
-    with_entropy: bool
-    vocab: int  # valid (unpadded) vocabulary columns of this shard
-    block_tokens: int
-    block_vocab: int
     vmem_limit_bytes: int
     interpret: object = False  # False, True (generic interpreter) or pltpu.InterpretParams
 
@@ -103,10 +97,9 @@ def plan(n: int, hidden: int, vocab: int, dtype, *, temperature: float,
             block_vocab = max(128, bv // 2)
     need = _vmem_bytes(bt, bv, hidden_p, itemsize)
     limit = min(max(32 * _MiB, round_up(need * 5 // 4, _MiB)), _vmem_capacity())
-    return TpuConfig(temperature=float(temperature),
-                     logit_softcap=None if logit_softcap is None else float(logit_softcap),
-                     with_entropy=bool(with_entropy), vocab=int(vocab), block_tokens=bt,
-                     block_vocab=bv, vmem_limit_bytes=int(limit), interpret=interpret)
+    return TpuConfig.create(temperature=temperature, logit_softcap=logit_softcap,
+                            with_entropy=with_entropy, vocab=vocab, block_tokens=bt,
+                            block_vocab=bv, vmem_limit_bytes=int(limit), interpret=interpret)
 
 
 def _logits(h, w, cfg):

@@ -10,6 +10,7 @@ over the token axes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -109,6 +110,23 @@ def finish(tl, lse, mx, ent, t, vocab: int):
     """(logps, lse, entropy, max_logit) from the kernels' outputs."""
     logps = jnp.where(valid_targets(t, vocab), tl - lse, 0.0)
     return logps, lse, ent, mx
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """The static settings every log-prob kernel call has; each backend adds its own."""
+    temperature: float
+    logit_softcap: float | None
+    with_entropy: bool
+    vocab: int  # valid (unpadded) vocabulary columns of this shard
+    block_tokens: int
+    block_vocab: int
+
+    @classmethod
+    def create(cls, *, temperature, logit_softcap, with_entropy, vocab, **backend):
+        return cls(temperature=float(temperature),
+                   logit_softcap=None if logit_softcap is None else float(logit_softcap),
+                   with_entropy=bool(with_entropy), vocab=int(vocab), **backend)
 
 
 def kernel_op(plan, forward, backward):
