@@ -106,7 +106,8 @@ print("proxy accuracy on gold-labelled held-out pairs:",
 #
 # `rl.reward_sources` combines reward sources with `rl.reward_weights`: `model` is
 # the trained reward model at `rl.reward_model`, `python:module.function` any batched
-# callable `(prompts, completions) -> floats`. A function defined in this notebook is
+# function in TRL's convention, `(prompts, completions, **columns) -> floats` (it may
+# name only the columns it uses, here none). A function defined in this notebook is
 # importable as `__main__.length_penalty`. No KL penalty (`rl.kl_beta=0`): the point
 # is to watch what unconstrained optimisation does to the gold reward.
 #
@@ -163,7 +164,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jalign import checkpoint
-from jalign.algorithms.rl import make_reward_fn
+from jalign.algorithms.rl_inputs import reward_model_fn
 from jalign.algorithms.rl_spec import rl_spec
 from jalign.generate import decode_completions, generate, left_pad
 from jalign.models import ModelConfig
@@ -175,8 +176,9 @@ from jalign.models import decoder_init_fn
 model_cfg = ModelConfig.from_mapping(sft.model)
 tokenizer = builtin_tokenizer()
 task = get_task("sentiment")
-proxy_fn = make_reward_fn(RUNS["biased proxy"], rl_spec(RUNS["biased proxy"]), model_cfg,
-                          tokenizer, task)  # the reward model alone
+proxy = RUNS["biased proxy"]
+proxy_fn = reward_model_fn(rl_spec(proxy), model_cfg, tokenizer,  # the reward model alone
+                           proxy.data.max_length)
 prompts = task.prompts(SIZES["eval_prompts"], seed=1, split="eval")
 abstract = nn.meta.unbox(jax.eval_shape(decoder_init_fn(model_cfg), jax.random.PRNGKey(0)))
 sft_weights = checkpoint.load_params(sft_params, abstract)

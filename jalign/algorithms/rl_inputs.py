@@ -83,13 +83,13 @@ def rl_inputs(config, spec: RlSpec, model_cfg: ModelConfig) -> RlInputs:
     report_skips(held_report, "held-out data")
     reward = build_sources(spec.reward_sources, spec.reward_weights,
                            gold=task_gold_reward(task) if task is not None else None,
-                           reward_model=lambda: _reward_model_fn(spec, model_cfg, tokenizer,
+                           reward_model=lambda: reward_model_fn(spec, model_cfg, tokenizer,
                                                                  data.max_length))
     check_columns(reward.sources, list(reward_columns(train)), where)
     return RlInputs(tokenizer, task, train, held, reward, report)
 
 
-def _reward_model_fn(spec: RlSpec, model_cfg, tokenizer, max_length: int) -> Callable:
+def reward_model_fn(spec: RlSpec, model_cfg, tokenizer, max_length: int) -> Callable:
     """A trained reward model (config.rl.reward_model) as a reward function."""
     if not spec.reward_model:
         raise ValueError("reward source 'model' needs config.rl.reward_model (a reward stage's "
