@@ -36,7 +36,7 @@ OVERRIDES = {
 REFERENCE_DRIVER = r"""
 import dataclasses, importlib.util, json, sys
 import grain, numpy as np
-from jalign import loop
+from jalign import loop, pipeline
 
 path, arg, overrides, workdir, shards = sys.argv[1:]
 spec = importlib.util.spec_from_file_location("config_module", path)
@@ -75,7 +75,7 @@ def get_algorithm(name):
         return s
     return dataclasses.replace(algo, setup=setup)
 loop.get_algorithm = get_algorithm
-loop.run(config, workdir)
+pipeline.run_pipeline(config, workdir)
 """
 
 
@@ -160,7 +160,7 @@ from jalign import checkpoint as ckpt, distributed, sharding as shd
 from jalign.config_utils import model_config
 from jalign.models.config import ModelConfig
 from jalign.optim import make_optimizer
-from jalign.steps.sft import make_sft_step
+from jalign.steps import decoder_logprob_fn, make_sft_step
 from jalign.models import decoder_init_fn
 from jalign.state import abstract_with_shardings as _abstract_with_shardings, init_train_state
 
