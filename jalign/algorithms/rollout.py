@@ -191,7 +191,8 @@ def make_rollout(config, model_cfg: ModelConfig, rl: RlSpec, inputs: RlInputs, *
         sharding = batch_sharding(config, state.params)
         batch, scores, metrics, host_scores, _ = sample(state, prompt_batch, 0, sharding)
         tied = _tied_groups(host_scores, rl.group_size)
-        metrics["frac_reward_zero_std"] = float(tied.mean())
+        if rl.group_size > 1:  # groups of one always "tie"
+            metrics["frac_reward_zero_std"] = float(tied.mean())
         if rl.dynamic_sampling:
             def more(round_):
                 out = sample(state, next_batch(), round_, sharding)
@@ -201,7 +202,7 @@ def make_rollout(config, model_cfg: ModelConfig, rl: RlSpec, inputs: RlInputs, *
                 max_rounds=rl.dynamic_sampling_max_rounds, sharding=sharding)
             metrics.update(extra)
             tied = _tied_groups(host_scores, rl.group_size)
-        if rl.algo != "ppo":  # a critic's baseline still gives tied groups advantages
+        if rl.algo != "ppo" and rl.group_size > 1:  # a critic gives tied groups advantages
             ties.observe(step, host_scores, tied)
         return batch, scores, host_scores, metrics
     return rollout
