@@ -11,11 +11,11 @@ it. `decoder_logprob_fn` is jalign's, for its decoder; `colabs/embed.py` shows o
 for a user's own Flax model.
 
 The update core: a step writes its objective as a *sum* over examples plus
-additive statistics, `sum_loss_fn(params, batch) -> (loss_sum, sums)`, where
-`sums["count"]` is the normaliser (tokens for SFT, real pairs for DPO, 1 for a
-loss that is already a mean). `gradient_update` takes the gradient over one or
-several microbatches (sums add up, so k microbatches give exactly the big batch's
-result), divides by the count and applies the optimizer.
+additive statistics, `sum_loss_fn(params, batch) -> (loss_sum, sums)`, and names
+its normaliser, `count_fn(batch)` (tokens for SFT, real pairs for DPO, 1 for a
+loss that is already a mean). `gradient_update` divides by the count and takes the
+gradient over one or several microbatches (sums add up, so k microbatches give the
+big batch's result) and applies the optimizer.
 """
 
 from __future__ import annotations
@@ -125,23 +125,30 @@ def accumulate_gradients(sum_loss_fn: Callable, params: Any, batch: Mapping[str,
 
 def gradient_update(optimizer: optax.GradientTransformation, state: TrainState,
                     sum_loss_fn: Callable, batch: Mapping[str, jax.Array], *,
-                    num_microbatches: int = 1, split: Callable = split_rows):
+                    count_fn: Callable, num_microbatches: int = 1, split: Callable = split_rows):
     """The one optimizer update every step uses.
 
     `sum_loss_fn(params, batch) -> (loss_sum, sums)` is taken w.r.t. `state.params`
     (with LoRA: the adapters; the closure merges them over the frozen base with
-    `model_params`). Returns the state with new params and optimizer state (its
-    `step` unchanged: a train step may take several updates) and the metrics:
-    `loss` = loss_sum / count, every entry of `sums` divided by the count except
-    the totals in `ADDITIVE_METRICS`, and `grad_norm` (before clipping).
+    `model_params`); `count_fn(batch)` is the normaliser, a function of the batch only
+    (completion tokens for SFT, real pairs for preference steps, 1 for a loss that is
+    already a mean). Each microbatch's loss sum is divided by the whole batch's count
+    before differentiating, so one batch and k microbatches are the same sum. Returns
+    the state with new params and optimizer state (its `step` unchanged: a train step
+    may take several updates) and the metrics: `loss` = loss_sum / count, every entry
+    of `sums` divided by the count except the totals in `ADDITIVE_METRICS`, and
+    `grad_norm` (before clipping).
     """
-    (loss_sum, sums), grads = accumulate_gradients(sum_loss_fn, state.params, batch,
-                                                   num_microbatches, split)
-    sums = dict(sums)
-    count = jnp.maximum(sums.pop("count"), 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
+    count = jnp.maximum(jnp.asarray(count_fn(batch), jnp.float32), 1.0)
+
+    def mean_loss(params, microbatch):
+        loss_sum, sums = sum_loss_fn(params, microbatch)
+        return loss_sum / count, sums
+
+    (loss, sums), grads = accumulate_gradients(mean_loss, state.params, batch,
+                                               num_microbatches, split)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     metrics = {k: v if k in ADDITIVE_METRICS else v / count for k, v in sums.items()}
-    metrics.update(loss=loss_sum / count, grad_norm=optax.global_norm(grads))
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
     return state.replace(params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state), metrics

@@ -59,8 +59,12 @@ def _pair_sums(losses_B, metrics, pair_mask_B, num_tokens):
     """A per-pair loss and its (masked-mean) metrics as the update core's sums."""
     count = pair_mask_B.sum()
     sums = {k: v * count for k, v in metrics.items()}
-    sums.update(count=count, num_tokens=num_tokens)
+    sums.update(num_tokens=num_tokens)
     return jnp.where(pair_mask_B > 0, losses_B, 0.0).sum(), sums
+
+
+def _real_pairs(batch):
+    return batch["pair_mask"].sum()
 
 
 def pair_microbatches(batch: Mapping[str, jax.Array], num: int) -> dict[str, jax.Array]:
@@ -115,7 +119,7 @@ def make_reward_step(score_fn: Callable, optimizer: optax.GradientTransformation
     def step(state: TrainState, batch):
         state, metrics = gradient_update(
             optimizer, state, lambda p, b: sum_loss(model_params(p, state.frozen), b), batch,
-            num_microbatches=grad_accum_steps, split=pair_microbatches)
+            count_fn=_real_pairs, num_microbatches=grad_accum_steps, split=pair_microbatches)
         return state.replace(step=state.step + 1), metrics
 
     return step
@@ -192,7 +196,7 @@ def make_dpo_step(logprob_fn: Callable, optimizer: optax.GradientTransformation,
     def step(state: TrainState, batch):
         new_state, metrics = gradient_update(
             optimizer, state, lambda p, b: sum_loss(p, state, b), batch,
-            num_microbatches=grad_accum_steps, split=pair_microbatches)
+            count_fn=_real_pairs, num_microbatches=grad_accum_steps, split=pair_microbatches)
         new_state = new_state.replace(step=state.step + 1)
         if ref_sync_every:
             sync = (new_state.step % ref_sync_every) == 0
@@ -243,7 +247,8 @@ def make_kto_step(logprob_fn: Callable, optimizer: optax.GradientTransformation,
 
     def step(state: TrainState, batch):
         new_state, metrics = gradient_update(optimizer, state,
-                                             lambda p, b: sum_loss(p, state, b), batch)
+                                             lambda p, b: sum_loss(p, state, b), batch,
+                                             count_fn=_real_pairs)
         return new_state.replace(step=state.step + 1), metrics
 
     return step

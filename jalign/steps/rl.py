@@ -82,10 +82,10 @@ def _make_update(loss, optimizer):
     def update(state: TrainState, batch):
         rng = state.step_rng()
 
-        def sum_loss(params, batch):  # already a mean: a count of 1
-            value, metrics = loss(model_params(params, state.frozen), batch, rng)
-            return value, dict(metrics, count=jnp.float32(1.0))
-        return gradient_update(optimizer, state, sum_loss, batch)
+        def sum_loss(params, batch):
+            return loss(model_params(params, state.frozen), batch, rng)
+        return gradient_update(optimizer, state, sum_loss, batch,
+                               count_fn=lambda _: 1.0)  # the loss is already a mean
     return update
 
 

@@ -37,7 +37,7 @@ def make_sft_step(logprob_fn: Callable, optimizer: optax.GradientTransformation,
         logps, stats = split_logprob_output(logprob_fn(params, batch, rng))
         keep = completion_mask(batch) > 0
         count = keep.sum().astype(jnp.float32)
-        sums = {"count": count, "num_tokens": count}
+        sums = {"num_tokens": count}
         if "is_argmax" in stats:
             sums["mean_token_accuracy"] = (keep & stats["is_argmax"]).sum().astype(jnp.float32)
         if "entropy" in stats:
@@ -48,7 +48,7 @@ def make_sft_step(logprob_fn: Callable, optimizer: optax.GradientTransformation,
         rng = state.step_rng()
         state, metrics = gradient_update(
             optimizer, state, lambda p, b: sum_loss(model_params(p, state.frozen), b, rng), batch,
-            num_microbatches=grad_accum_steps)
+            count_fn=lambda b: completion_mask(b).sum(), num_microbatches=grad_accum_steps)
         return state.replace(step=state.step + 1), metrics
 
     return step
