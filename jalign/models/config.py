@@ -24,6 +24,32 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LORA_QUANTIZATION = ("none", "int8", "nf4")
 # How the projections' weight gradients are computed (jalign.models.projection).
 PROJECTION_BACKWARDS = ("autodiff", "cpu_transposed")
+# How training-time attention is computed (jalign.models.attention).
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
+
+
+def attention_impl_errors(config: "ModelConfig") -> list[str]:
+    """Why `config.attention_impl` cannot compute this model (empty when it can).
+
+    Only cuDNN's flash attention lacks features: it has no logit soft-capping and
+    runs in bf16/fp16 only, with a head size that is a multiple of 8, <= 256.
+    """
+    impl = config.attention_impl
+    if impl not in ATTENTION_IMPLS:
+        return [f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}"]
+    errors = []
+    if impl == "cudnn":
+        if config.attn_logit_softcap is not None:
+            errors.append("model.attention_impl='cudnn' cannot express attention logit "
+                          "soft-capping (model.attn_logit_softcap, Gemma 2); use 'chunked' "
+                          "or 'xla'")
+        if config.dtype not in ("bfloat16", "float16"):
+            errors.append("model.attention_impl='cudnn' needs model.dtype bfloat16 or float16 "
+                          f"(cuDNN flash attention), got {config.dtype!r}")
+        if config.head_size % 8 or config.head_size > 256:
+            errors.append("model.attention_impl='cudnn' needs a head size that is a multiple "
+                          f"of 8 and at most 256, got {config.head_size}")
+    return errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +92,13 @@ class ModelConfig:
     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192}.
 
+    `attention_impl`: how training and scoring attend (cached decoding always uses
+    "xla"): "auto" (splash on TPU, cudnn on GPU when it can express the model, else
+    chunked; chunked on CPU), "xla" (dense float32 scores, the reference), "chunked"
+    (blocked, O(T x block) memory, any backend), "splash" (Pallas TPU kernels) or
+    "cudnn" (GPU). See `jalign.models.attention`; an option that cannot express a
+    feature of the model is refused here, by name.
+
     `projection_backward`: "autodiff" (default, every backend) or "cpu_transposed",
     a weight-gradient layout that is faster on XLA:CPU; the gradients are the same
     up to float rounding (`jalign.models.projection`); forward mode works under both.
@@ -107,6 +140,7 @@ class ModelConfig:
     lora_quantization: str = "none"
     lora_quantization_block: int = 64
     projection_backward: str = "autodiff"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.layer_types is not None and not isinstance(self.layer_types, tuple):
@@ -178,6 +212,8 @@ class ModelConfig:
         if self.projection_backward not in PROJECTION_BACKWARDS:
             errors.append(f"model.projection_backward must be one of {PROJECTION_BACKWARDS}, "
                           f"got {self.projection_backward!r}")
+        if not errors:
+            errors += attention_impl_errors(self)
         if errors:
             raise ValueError("; ".join(errors))
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
+from jalign.models import attention
 from jalign.models.config import ModelConfig
 from jalign.models.projection import project
 
@@ -133,7 +134,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxH, cos, sin, mask_Bx1x1xTxS, cache=None, cache_index=None):
-        """With `cache` = (k, v) [B, nkv, S, d], the new keys/values are written at
+        """`mask_Bx1x1xTxS` is a dense mask (the "xla" path) or `attention.Segments`
+        (the other `config.attention_impl`s, which build the mask themselves).
+
+        With `cache` = (k, v) [B, nkv, S, d], the new keys/values are written at
         `cache_index` and attention runs over all S cache slots (the mask is then
         [B, 1, 1, T, S]); returns (output, updated cache)."""
         c = self.config
@@ -160,27 +164,14 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(
                 cache[1], v.transpose(0, 2, 1, 3).astype(cache[1].dtype), cache_index, 2)
             cache = (k, v)
-        b, t = q.shape[:2]
-        g = nq // nkv
-        if cache is None:
-            # Heads before tokens, as in the cache, so both attention products are plain
-            # batched matmuls; over [b, t, heads, d] XLA:CPU copied around each dot.
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            q = q.transpose(0, 2, 1, 3).reshape(b, nkv, g * t, d)
-            scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
-            scores = scores.reshape(b, nkv, g, t, -1)
+        if isinstance(mask_Bx1x1xTxS, attention.Segments):  # a kernel builds the mask
+            out = attention.attend(q, k, v, mask_Bx1x1xTxS, c)
         else:
-            scores = jnp.einsum("btkgd,bksd->bkgts", q.reshape(b, t, nkv, g, d), k,
-                                preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(c.query_pre_attn_scalar or d)
-        if c.attn_logit_softcap is not None:
-            scores = c.attn_logit_softcap * jnp.tanh(scores / c.attn_logit_softcap)
-        scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        # probs [b, k, g*t, S] @ v [b, k, S, d]: written as an einsum, XLA:CPU picks
-        # a dot over v's non-minor axis that took a third of each decode step.
-        out = jnp.matmul(probs.reshape(b, nkv, g * t, probs.shape[-1]), v)
-        out = out.reshape(b, nkv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, nq, d)
+            if cache is None:
+                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            out = attention.xla_attention(
+                q, k, v, mask_Bx1x1xTxS, softcap=c.attn_logit_softcap, cached=cache is not None,
+                scale_divisor=math.sqrt(c.query_pre_attn_scalar or d))
         out = _project(self, "o_proj", "btnd,ndh->bth", out, (nq, d, h),
                        ("q_heads", "head_dim", "embed"))
         return out if cache is None else (out, cache)
@@ -218,7 +209,9 @@ class Block(nn.Module):
         if c.rope_local_theta is not None:
             cos = jnp.where(is_sliding, rope[1][0], cos)
             sin = jnp.where(is_sliding, rope[1][1], sin)
-        if any(c.sliding_layers):
+        if isinstance(mask, attention.Segments):
+            mask = mask._replace(sliding=is_sliding if any(c.sliding_layers) else False)
+        elif any(c.sliding_layers):
             mask = jnp.where(is_sliding, masks[1], mask)
         y = Attention(c, name="attn")(RMSNorm(c, name="attn_norm")(x), cos, sin, mask,
                                       cache, cache_index)
@@ -283,7 +276,11 @@ class Decoder(nn.Module):
 
         rope_full = rope(False)
         rope_local = rope(True) if c.rope_local_theta is not None else rope_full
-        if cache is None:
+        if cache is None and attention.resolve_impl(c) != "xla":
+            # The kernels build causal / segment / window masks from the ids: no [T, T] mask.
+            segments = attention.Segments(segment_ids_BxT)
+            masks = (segments, segments)
+        elif cache is None:
             q_slot, k_slot = jnp.arange(t), jnp.arange(t)
             same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
         else:
@@ -293,14 +290,16 @@ class Decoder(nn.Module):
             q_slot = cache_index + jnp.arange(t)
             k_slot = jnp.arange(valid.shape[1])
             same_segment = jnp.broadcast_to(valid[:, None, :] > 0, (b, t, valid.shape[1]))
-        causal = k_slot[None, :] <= q_slot[:, None]
-        mask = (causal[None] & same_segment)[:, None, None]
-        mask_sliding = mask
-        if c.sliding_window is not None:
-            # Window over sequence indices: within a packed segment or a
-            # left-padded prompt these differ exactly as the positions do.
-            near = k_slot[None, :] > q_slot[:, None] - c.sliding_window
-            mask_sliding = mask & near[None, None, None]
+        if cache is not None or attention.resolve_impl(c) == "xla":
+            causal = k_slot[None, :] <= q_slot[:, None]
+            mask = (causal[None] & same_segment)[:, None, None]
+            mask_sliding = mask
+            if c.sliding_window is not None:
+                # Window over sequence indices: within a packed segment or a
+                # left-padded prompt these differ exactly as the positions do.
+                near = k_slot[None, :] > q_slot[:, None] - c.sliding_window
+                mask_sliding = mask & near[None, None, None]
+            masks = (mask, mask_sliding)
 
         block = Block
         if c.remat != "none":
@@ -310,8 +309,7 @@ class Decoder(nn.Module):
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast, 0),
                             length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(c, name="layers")(x, (rope_full, rope_local), (mask, mask_sliding),
-                                           is_sliding_L)
+            x, _ = stack(c, name="layers")(x, (rope_full, rope_local), masks, is_sliding_L)
             return RMSNorm(c, name="final_norm")(x)
         # Cached decoding unrolls the layers over per-layer cache arrays: scanned, each
         # step copied every layer's cache out of the stacked array and back (XLA:CPU).
@@ -322,7 +320,7 @@ class Decoder(nn.Module):
             params_i = (layers[i] if isinstance(layers, (tuple, list))
                         else jax.tree.map(lambda w: w[i], layers))
             x, (k, v) = Block(c, parent=None).apply(
-                {"params": params_i}, x, (rope_full, rope_local), (mask, mask_sliding),
+                {"params": params_i}, x, (rope_full, rope_local), masks,
                 c.sliding_layers[i], (cache["k"][i], cache["v"][i]), cache_index)
             new_k.append(k)
             new_v.append(v)

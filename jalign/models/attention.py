@@ -1,0 +1,433 @@
+"""Causal self-attention of the decoder, one function per `model.attention_impl`.
+
+    scores = softcap(q k^T * scale),  softcap(z) = cap * tanh(z / cap)  (Gemma 2)
+    out    = softmax(where(allowed, scores, -inf)) v
+    allowed[q, k] = k <= q  &  q - k < window  &  segment[q] == segment[k]
+
+`scale` is 1/sqrt(query_pre_attn_scalar or head_dim); `window` is the sliding
+window of a sliding layer (Mistral, Gemma 2/3) and unbounded otherwise; segments
+keep packed sequences apart (0 = padding, which attends only to padding). Keys
+and values have `num_kv_heads` heads, each shared by a group of query heads (GQA).
+
+Implementations:
+  "xla"      the dense reference: float32 scores [B, heads, T, S] (also the path
+             of cached decoding, whatever the option).
+  "chunked"  plain JAX: query blocks x key blocks with an online softmax, visiting
+             only the blocks the causal mask and the window leave; a custom_vjp
+             whose backward recomputes each tile (FlashAttention-2, Dao 2023), so
+             memory is O(T x block) instead of O(T^2).
+  "splash"   JAX's Pallas TPU splash-attention kernels (segment ids, causal or
+             local masks, soft-capping), one MQA kernel per key/value head.
+  "cudnn"    `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash
+             attention (GPU; bf16/fp16; no soft-capping; packed segments as a
+             dense boolean mask).
+  "auto"     splash on TPU, cudnn on GPU when it can express the config (else
+             chunked), chunked on CPU; `resolve_impl` logs what it picked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import logging
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from jalign.models.config import ATTENTION_IMPLS, ModelConfig, attention_impl_errors
+
+_log = logging.getLogger(__name__)
+_NEG_BIG = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked tile stays NaN-free
+_SPLASH_LANES = 128  # splash blocks are multiples of the TPU lane width
+# Set by `splash_interpret_mode` (CPU tests): JAX's TPU interpreter
+# (pltpu.force_tpu_interpret_mode) fails on vmapped kernels in this JAX
+# (safe_zip of the batched grid against its dimension semantics), so the splash
+# kernels run under Pallas' generic interpreter instead.
+_SPLASH_INTERPRET = contextvars.ContextVar("splash_interpret", default=False)
+
+
+@contextlib.contextmanager
+def splash_interpret_mode():
+    """Within: "splash" kernels are traced for Pallas' interpreter (runs on CPU)."""
+    token = _SPLASH_INTERPRET.set(True)
+    try:
+        yield
+    finally:
+        _SPLASH_INTERPRET.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile of the "chunked" and "splash" paths: query rows x key columns.
+
+    Sizes larger than the (padded) sequence are clamped; T need not be a multiple.
+    """
+    block_q: int
+    block_kv: int
+
+    def __post_init__(self):
+        if self.block_q < 1 or self.block_kv < 1:
+            raise ValueError(f"attention block sizes must be positive, got {self}")
+
+    @classmethod
+    def get_default(cls, impl: str = "chunked") -> "BlockSizes":
+        if impl == "splash":
+            return cls(block_q=512, block_kv=512)
+        # benchmarks/attention_memory.py (T=4096, CPU): see benchmarks/RESULTS.md.
+        return cls(block_q=512, block_kv=512)
+
+
+class Segments(NamedTuple):
+    """What the kernels need instead of a dense mask: the packed segment ids and
+    whether this layer slides (a traced bool inside the scanned layer stack)."""
+    ids_BxT: jax.Array
+    sliding: jax.Array | bool = False
+
+
+_logged: set = set()
+
+
+def resolve_impl(config: ModelConfig, backend: str | None = None) -> str:
+    """`config.attention_impl` with "auto" made concrete for `backend` (default: JAX's)."""
+    impl = config.attention_impl
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    if backend == "tpu":
+        chosen = "splash"
+    elif backend in ("gpu", "cuda") and not attention_impl_errors(
+            dataclasses.replace(config, attention_impl="cudnn")):
+        chosen = "cudnn"
+    else:
+        chosen = "chunked"
+    if (backend, chosen) not in _logged:
+        _logged.add((backend, chosen))
+        _log.info("model.attention_impl=auto resolved to %r on %s", chosen, backend)
+    return chosen
+
+
+# ----------------------------------------------------------------------------- xla
+
+def xla_attention(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, mask_Bx1x1xTxS, *, scale_divisor: float,
+                  softcap: float | None, cached: bool = False):
+    """The dense reference; keys/values heads-first [B, K, S, D] as the KV cache lies.
+    Scores are divided by `scale_divisor` (sqrt of query_pre_attn_scalar or head_dim)."""
+    b, t, nq, d = q_BxTxNxD.shape
+    nkv = k_BxKxSxD.shape[1]
+    g = nq // nkv
+    dt = q_BxTxNxD.dtype
+    if not cached:
+        # Heads before tokens, as in the cache, so both attention products are plain
+        # batched matmuls; over [b, t, heads, d] XLA:CPU copied around each dot.
+        q = q_BxTxNxD.transpose(0, 2, 1, 3).reshape(b, nkv, g * t, d)
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k_BxKxSxD, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, nkv, g, t, -1)
+    else:
+        scores = jnp.einsum("btkgd,bksd->bkgts", q_BxTxNxD.reshape(b, t, nkv, g, d), k_BxKxSxD,
+                            preferred_element_type=jnp.float32)
+    scores = scores / scale_divisor
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    # probs [b, k, g*t, S] @ v [b, k, S, d]: written as an einsum, XLA:CPU picks
+    # a dot over v's non-minor axis that took a third of each decode step.
+    out = jnp.matmul(probs.reshape(b, nkv, g * t, probs.shape[-1]), v_BxKxSxD)
+    return out.reshape(b, nkv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, nq, d)
+
+
+def dense_mask(segment_ids_BxT, window=None):
+    """[B, 1, 1, T, T] bool: causal, same segment, and within `window` when given."""
+    t = segment_ids_BxT.shape[1]
+    pos = jnp.arange(t)
+    allowed = (pos[None, :] <= pos[:, None])[None]
+    allowed = allowed & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+    if window is not None:
+        allowed = allowed & ((pos[:, None] - pos[None, :]) < window)[None]
+    return allowed[:, None, None]
+
+
+# ------------------------------------------------------------------------- chunked
+
+def _pad_tokens(x, axis, size, value=0):
+    pad = size - x.shape[axis]
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _tile_mask(q0, k0, bq, bk, seg_q_Bxbq, seg_k_Bxbk, window):
+    """[B, 1, 1, bq, bk] allowed entries of the tile whose corner is (q0, k0)."""
+    qpos = q0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    kpos = k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    allowed = (kpos <= qpos) & (qpos - kpos < window)
+    allowed = allowed[None] & (seg_q_Bxbq[:, :, None] == seg_k_Bxbk[:, None, :])
+    return allowed[:, None, None]
+
+
+def _scores(q, k, scale, softcap):
+    """Raw float32 tile scores and their soft-capped value: [B, K, G, bq, bk]."""
+    raw = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is None:
+        return raw, raw
+    return raw, softcap * jnp.tanh(raw / softcap)
+
+
+def _kv_range(i, bq, bk, nk, window):
+    """Key blocks a query block i can see: causal above, the window below."""
+    lo = jnp.maximum(0, i * bq - window + 1) // bk
+    hi = jnp.minimum(nk, ((i + 1) * bq - 1) // bk + 1)
+    return lo, hi
+
+
+def _q_range(j, bq, bk, nq, window):
+    """Query blocks that can see key block j."""
+    lo = (j * bk) // bq
+    hi = jnp.minimum(nq, ((j + 1) * bk - 1 + window - 1) // bq + 1)
+    return lo, hi
+
+
+def _sl(x, start, size, axis):
+    return lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _chunked_fwd_impl(q, k, v, seg, window, *, scale, softcap, bq, bk):
+    """q [B, K, G, Tp, D], k/v [B, K, Tp, D], seg [B, Tp] -> out like q, lse [B, K, G, Tp]."""
+    b, nkv, g, tp, d = q.shape
+    nq, nk = tp // bq, tp // bk
+
+    def q_block(i):
+        qi, seg_q = _sl(q, i * bq, bq, 3), _sl(seg, i * bq, bq, 1)
+
+        def kv_step(j, carry):
+            m, l, acc = carry
+            kj, vj, seg_k = _sl(k, j * bk, bk, 2), _sl(v, j * bk, bk, 2), _sl(seg, j * bk, bk, 1)
+            _, s = _scores(qi, kj, scale, softcap)
+            allowed = _tile_mask(i * bq, j * bk, bq, bk, seg_q, seg_k, window)
+            s = jnp.where(allowed, s, _NEG_BIG)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), vj,
+                            preferred_element_type=jnp.float32)
+            return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+        init = (jnp.full((b, nkv, g, bq), _NEG_BIG, jnp.float32),
+                jnp.zeros((b, nkv, g, bq), jnp.float32),
+                jnp.zeros((b, nkv, g, bq, d), jnp.float32))
+        lo, hi = _kv_range(i, bq, bk, nk, window)
+        m, l, acc = lax.fori_loop(lo, hi, kv_step, init)
+        return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
+
+    out, lse = lax.map(q_block, jnp.arange(nq))  # [nq, B, K, G, bq, (D)]
+    out = jnp.moveaxis(out, 0, 3).reshape(b, nkv, g, tp, d)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, nkv, g, tp)
+    return out, lse
+
+
+def _chunked_bwd_impl(q, k, v, seg, window, out, lse, dout, *, scale, softcap, bq, bk):
+    b, nkv, g, tp, d = q.shape
+    nq, nk = tp // bq, tp // bk
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, K, G, Tp]
+
+    def kv_block(dq, j):
+        kj, vj, seg_k = _sl(k, j * bk, bk, 2), _sl(v, j * bk, bk, 2), _sl(seg, j * bk, bk, 1)
+
+        def q_step(i, carry):
+            dq, dk, dv = carry
+            qi, doi, seg_q = _sl(q, i * bq, bq, 3), _sl(dout, i * bq, bq, 3), _sl(seg, i * bq, bq, 1)
+            raw, s = _scores(qi, kj, scale, softcap)
+            allowed = _tile_mask(i * bq, j * bk, bq, bk, seg_q, seg_k, window)
+            p = jnp.where(allowed, jnp.exp(s - _sl(lse, i * bq, bq, 3)[..., None]), 0.0)
+            dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(dout.dtype), doi,
+                                 preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+            ds = p * (dp - _sl(delta, i * bq, bq, 3)[..., None])
+            if softcap is not None:
+                ds = ds * (1.0 - jnp.square(s / softcap))  # d softcap(raw) / d raw
+            ds = (ds * scale).astype(q.dtype)
+            dq_i = jnp.einsum("bkgqs,bksd->bkgqd", ds, kj, preferred_element_type=jnp.float32)
+            dq = lax.dynamic_update_slice_in_dim(dq, _sl(dq, i * bq, bq, 3) + dq_i, i * bq, 3)
+            dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, qi, preferred_element_type=jnp.float32)
+            return dq, dk, dv
+
+        zeros = jnp.zeros((b, nkv, bk, d), jnp.float32)
+        lo, hi = _q_range(j, bq, bk, nq, window)
+        dq, dk, dv = lax.fori_loop(lo, hi, q_step, (dq, zeros, zeros))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = lax.scan(kv_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
+    dk = jnp.moveaxis(dk, 0, 2).reshape(b, nkv, tp, d)
+    dv = jnp.moveaxis(dv, 0, 2).reshape(b, nkv, tp, d)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _chunked_core(q, k, v, seg, window, scale, softcap, bq, bk):
+    return _chunked_fwd_impl(q, k, v, seg, window, scale=scale, softcap=softcap, bq=bq, bk=bk)[0]
+
+
+def _chunked_core_fwd(q, k, v, seg, window, scale, softcap, bq, bk):
+    out, lse = _chunked_fwd_impl(q, k, v, seg, window, scale=scale, softcap=softcap, bq=bq, bk=bk)
+    return out, (q, k, v, seg, window, out, lse)
+
+
+def _chunked_core_bwd(scale, softcap, bq, bk, res, dout):
+    q, k, v, seg, window, out, lse = res
+    dq, dk, dv = _chunked_bwd_impl(q, k, v, seg, window, out, lse, dout, scale=scale,
+                                   softcap=softcap, bq=bq, bk=bk)
+    zero_int = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)  # noqa: E731
+    return dq, dk, dv, zero_int(seg), zero_int(window)
+
+
+_chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
+
+
+def chunked_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, window=None,
+                      scale: float, softcap: float | None = None,
+                      block_sizes: BlockSizes | None = None):
+    """Blocked causal attention with an online softmax; memory O(T x block).
+
+    `window` (an int, or a traced int32 scalar) limits each query to the last
+    `window` keys; None is unbounded.
+    """
+    b, t, nq, d = q_BxTxNxD.shape
+    nkv = k_BxTxKxD.shape[2]
+    g = nq // nkv
+    blocks = block_sizes or BlockSizes.get_default("chunked")
+    bq, bk = min(blocks.block_q, t), min(blocks.block_kv, t)
+    tp = -(-t // math.lcm(bq, bk)) * math.lcm(bq, bk)
+    # Padding tokens form their own segment (-1): real rows never see them.
+    seg = _pad_tokens(segment_ids_BxT.astype(jnp.int32), 1, tp, value=-1)
+    q = _pad_tokens(q_BxTxNxD, 1, tp).transpose(0, 2, 1, 3).reshape(b, nkv, g, tp, d)
+    k = _pad_tokens(k_BxTxKxD, 1, tp).transpose(0, 2, 1, 3)
+    v = _pad_tokens(v_BxTxKxD, 1, tp).transpose(0, 2, 1, 3)
+    window = jnp.asarray(tp if window is None else window, jnp.int32)
+    out = _chunked_core(q, k, v, seg, window, float(scale), softcap, bq, bk)
+    return out.reshape(b, nq, tp, d).transpose(0, 2, 1, 3)[:, :t]
+
+
+# -------------------------------------------------------------------------- splash
+
+def _splash_one_batch(q_KxGxTxD, k_KxTxD, v_KxTxD, seg_T, *, window, softcap, block):
+    """One sequence: an MQA splash kernel per key/value head (its query group)."""
+    nkv, g, tp, _ = q_KxGxTxD.shape
+    mask = (splash.CausalMask((tp, tp)) if window is None
+            else splash.LocalMask((tp, tp), window_size=(window - 1, 0), offset=0))
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                              use_fused_bwd_kernel=True)
+    kernel = splash.make_splash_mqa_single_device(
+        mask=splash.MultiHeadMask([mask] * g), block_sizes=sizes, attn_logits_soft_cap=softcap,
+        interpret=_SPLASH_INTERPRET.get())
+    segments = splash.SegmentIds(q=seg_T, kv=seg_T)
+    return jax.vmap(lambda q, k, v: kernel(q, k, v, segments))(q_KxGxTxD, k_KxTxD, v_KxTxD)
+
+
+def splash_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, sliding=False,
+                     window: int | None = None, scale: float, softcap: float | None = None,
+                     block_sizes: BlockSizes | None = None):
+    """Pallas TPU splash attention; `sliding` (bool or traced) picks the local mask of
+    size `window` or the causal one. Under a mesh the batch is split with shard_map."""
+    b, t, nq, d = q_BxTxNxD.shape
+    nkv = k_BxTxKxD.shape[2]
+    g = nq // nkv
+    blocks = block_sizes or BlockSizes.get_default("splash")
+    block = min(max(blocks.block_q, blocks.block_kv), -(-t // _SPLASH_LANES) * _SPLASH_LANES)
+    block = -(-block // _SPLASH_LANES) * _SPLASH_LANES
+    tp = -(-t // block) * block
+    seg = _pad_tokens(segment_ids_BxT.astype(jnp.int32), 1, tp, value=-1)
+    # The kernel takes unscaled logits: fold the scale into q (in float32).
+    q = (q_BxTxNxD.astype(jnp.float32) * scale).astype(q_BxTxNxD.dtype)
+    q = _pad_tokens(q, 1, tp).transpose(0, 2, 1, 3).reshape(b, nkv, g, tp, d)
+    k = _pad_tokens(k_BxTxKxD, 1, tp).transpose(0, 2, 1, 3)
+    v = _pad_tokens(v_BxTxKxD, 1, tp).transpose(0, 2, 1, 3)
+
+    def run(q, k, v, seg, sliding):
+        def with_window(w):
+            one = functools.partial(_splash_one_batch, window=w, softcap=softcap, block=block)
+            return jax.vmap(one)(q, k, v, seg)
+        if window is None or static_sliding is False:
+            return with_window(None)
+        if static_sliding is True:
+            return with_window(window)
+        return lax.cond(sliding, lambda: with_window(window), lambda: with_window(None))
+
+    static_sliding = sliding if isinstance(sliding, bool) else None
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_axes = ()
+    if not mesh.empty:
+        usable = {a: s for a, s in mesh.shape.items() if s > 1 and a not in set(mesh.manual_axes)}
+        batch_axes = tuple(a for a in ("data", "fsdp") if a in usable)
+        if b % math.prod(usable[a] for a in batch_axes):
+            batch_axes = ()
+    if batch_axes:
+        # Mosaic kernels are not partitioned by XLA: each device runs its batch rows.
+        spec, rep = jax.sharding.PartitionSpec(batch_axes), jax.sharding.PartitionSpec()
+        run = jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 4 + (rep,), out_specs=spec,
+                            axis_names=set(batch_axes), check_vma=False)
+    out = run(q, k, v, seg, jnp.asarray(sliding, bool))
+    return out.reshape(b, nq, tp, d).transpose(0, 2, 1, 3)[:, :t]
+
+
+# --------------------------------------------------------------------------- cudnn
+
+def cudnn_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, sliding=False,
+                    window: int | None = None, scale: float):
+    """cuDNN flash attention through `jax.nn.dot_product_attention`."""
+    mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
+
+    def run(w):
+        return jax.nn.dot_product_attention(
+            q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, mask=mask, scale=scale, is_causal=True,
+            local_window_size=None if w is None else (w - 1, 0), implementation="cudnn")
+
+    if window is None or sliding is False:
+        return run(None)
+    if sliding is True:
+        return run(window)
+    return lax.cond(sliding, lambda: run(window), lambda: run(None))
+
+
+# ------------------------------------------------------------------------ dispatch
+
+def attend(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segments: Segments, config: ModelConfig, *,
+           impl: str | None = None, block_sizes: BlockSizes | None = None):
+    """Causal self-attention of one layer with the config's scale, soft-cap and window."""
+    impl = impl or resolve_impl(config)
+    if impl not in ATTENTION_IMPLS or impl == "auto":
+        raise ValueError(f"attention impl {impl!r}; valid: {ATTENTION_IMPLS}")
+    scale_divisor = math.sqrt(config.query_pre_attn_scalar or config.head_size)
+    scale = 1.0 / scale_divisor
+    softcap, window, sliding = config.attn_logit_softcap, config.sliding_window, segments.sliding
+    if impl == "chunked":
+        if window is not None and sliding is not False:
+            t = q_BxTxNxD.shape[1]
+            window = window if sliding is True else jnp.where(sliding, window, t + 1)
+        else:
+            window = None
+        return chunked_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segments.ids_BxT,
+                                 window=window, scale=scale, softcap=softcap,
+                                 block_sizes=block_sizes)
+    if impl == "splash":
+        return splash_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segments.ids_BxT,
+                                sliding=sliding, window=window, scale=scale, softcap=softcap,
+                                block_sizes=block_sizes)
+    if impl == "cudnn":
+        return cudnn_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segments.ids_BxT,
+                               sliding=sliding, window=window, scale=scale)
+    mask = dense_mask(segments.ids_BxT)
+    if window is not None and sliding is not False:
+        mask = jnp.where(sliding, dense_mask(segments.ids_BxT, window), mask)
+    return xla_attention(q_BxTxNxD, k_BxTxKxD.transpose(0, 2, 1, 3),
+                         v_BxTxKxD.transpose(0, 2, 1, 3), mask, scale_divisor=scale_divisor,
+                         softcap=softcap)
