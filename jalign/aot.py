@@ -39,7 +39,7 @@ from ml_collections import config_flags
 from jalign import sharding as shd
 from jalign.algorithms import ALGOS, get_algorithm
 from jalign.algorithms.common import AlgorithmSetup
-from jalign.config_utils import validate_config
+from jalign.config_utils import resolve_start, validate_config
 from jalign.memory import GIB, format_bytes as _size, per_device_bytes
 from jalign.models.config import ModelConfig
 from jalign.models.heads import scalar_model_init_fn
@@ -179,6 +179,7 @@ def fit_check(config: ml_collections.ConfigDict, topology: str, *,
     if config.pipeline.stages:
         raise ValueError("jalign.aot checks one stage: set --config.pipeline.stages= and "
                          "--config.algo=STAGE (with that stage's overrides)")
+    config, _ = resolve_start(config)  # the architecture from config.init_from, if it names one
     devices = topology_devices(topology)
     mesh = shd.make_mesh(config.mesh, devices)
     rules = shd.rules_from_config(config.get("logical_axis_rules"))
@@ -269,7 +270,7 @@ def main(argv):
     except DoesNotFitError as e:
         print(f"DOES NOT FIT: {e}")
         sys.exit(1)
-    print(format_report(check, f.config))
+    print(format_report(check, resolve_start(f.config)[0]))
     if f.json:
         with open(f.json, "w") as out:
             json.dump(check.to_dict(), out, indent=2)

@@ -7,30 +7,71 @@ existing keys, so a typo fails at once, naming the key.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Sequence
 
 import ml_collections
 
 from jalign.models.config import PRESETS, ModelConfig
+from jalign.models import pretrained
+from jalign.models.pretrained import architecture_fields, nullable_fields
+
+
+def nullable(value=None) -> ml_collections.FieldReference:
+    """A config value that may be None and still be set from the command line.
+
+    ml_collections types a field by its first value and cannot parse a flag into a
+    None-valued field (nor "None" into a dict or number field); a field typed `object`
+    takes any Python literal: `--config.model.rope_scaling=None`, `...=5`,
+    `--config.dpo.loss_weights=[1.0,0.5]`. Values are checked where they are read.
+    """
+    return ml_collections.FieldReference(value, field_type=object)
+
+
+def _model_section(values) -> ml_collections.ConfigDict:
+    section = ml_collections.ConfigDict()
+    for key, value in values.items():
+        setattr(section, key, nullable(value) if key in nullable_fields() or value is None
+                else value)
+    return section
 
 
 def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
+    """The `config.model` section of a preset (jalign.models.PRESETS), with overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; valid: {sorted(PRESETS)}")
     values = ModelConfig(**{**PRESETS[preset], **overrides}).to_dict()
     values["rope_scaling"] = values["rope_scaling"] or None
-    return ml_collections.ConfigDict(values)
+    return _model_section(values)
+
+
+def model_from_checkpoint(**options) -> ml_collections.ConfigDict:
+    """A `config.model` section whose architecture comes from `config.init_from`.
+
+    Every architecture field (`jalign.models.config.architecture_fields`) and `dtype`
+    are None: `jalign.models.pretrained.resolve_model` fills them from the checkpoint
+    folder's config.json / model_config.json at start-up, and any of them given on
+    the command line must agree with it. Training options (param_dtype, remat, LoRA,
+    ...) keep their defaults unless given in `options`.
+    """
+    values = ModelConfig().to_dict()
+    for key in architecture_fields() + ("dtype",):
+        values[key] = None
+    values.update(options)
+    return _model_section(values)
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.algo = "sft"
+    c.algo = ""                  # one algorithm (jalign.algorithms.ALGOS), or pipeline.stages
     c.seed = 0
-    c.init_from = ""             # a saved model (an earlier stage's WORKDIR/final_params)
+    # What the run starts from: a Hugging Face model folder, a `jalign.convert import`
+    # folder or an earlier run's WORKDIR/final_params ("" = fresh weights from the seed)
+    c.init_from = ""
     c.model = model_config("tiny")
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    c.logical_axis_rules = ml_collections.FieldReference(None, field_type=list)
+    c.logical_axis_rules = nullable()  # None = jalign.sharding.DEFAULT_RULES
 
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-3, warmup_steps=10, schedule="cosine", end_learning_rate_factor=0.1,
@@ -65,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.dpo = ml_collections.ConfigDict(dict(
         loss_type="sigmoid",     # any of jalign.losses.LOSS_TYPES, "a,b,c" to mix, or simpo/cpo/orpo/rdpo
-        loss_weights=ml_collections.FieldReference(None, field_type=list),
+        loss_weights=nullable(),
         beta=0.1, label_smoothing=0.0, f_divergence="reverse_kl", f_alpha=0.5,
         simpo_gamma=0.5, cpo_alpha=1.0, rdpo_alpha=0.0,
         # tokens of the NLL term (orpo, cpo, "sft" mixes): "completion" (jalign's default)
@@ -83,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
         # built-in ("math_answer", "think_answer_format", "soft_overlong:max=64,cache=16",
         # "length_penalty:target=32,coef=0.01") or "python:module.function"
         reward_sources="gold",
-        reward_weights=ml_collections.FieldReference(None, field_type=list),
+        reward_weights=nullable(),
         reward_model="",          # a reward stage's WORKDIR/final_params for source "model"
         scale_rewards="group",    # GRPO: "group", "batch" or "none" (Dr. GRPO)
         loss_aggregation="grpo",  # "grpo", "bnpo", "dr_grpo", "dapo"
@@ -150,11 +191,20 @@ def validate_config(config: ml_collections.ConfigDict, *, algorithms: Sequence[s
                 walk(cfg[key], ref[key], f"{prefix}{key}.")
 
     walk(config, reference, "")
+    if config.pipeline.stages and config.algo:
+        raise ValueError(f"config.algo={config.algo!r} and config.pipeline.stages="
+                         f"{config.pipeline.stages!r} are both set: a run is one algorithm or "
+                         "a pipeline of stages; drop --config.algo (a stage's settings go in "
+                         "config.pipeline.<stage>), or run one stage with "
+                         f"--config.pipeline.stages= --config.algo={config.algo}")
     if algorithms and config.pipeline.stages:
         for stage in config.pipeline.stages.split(","):
             if stage.strip() not in algorithms:
                 raise ValueError(f"config.pipeline.stages: {stage.strip()!r} is not an algorithm; "
                                  f"valid: {list(algorithms)}")
+    elif algorithms and not config.algo:
+        raise ValueError(f"config.algo is not set: give --config.algo=ALGO (one of "
+                         f"{list(algorithms)}) or --config.pipeline.stages=A,B,...")
     elif algorithms:
         _check_choice(config, "algo", algorithms)
     _check_choice(config, "dpo.reference", ("params", "precomputed"))
@@ -162,7 +212,8 @@ def validate_config(config: ml_collections.ConfigDict, *, algorithms: Sequence[s
     _check_choice(config, "data.source", ("task", "jsonl", "parquet"))
     _check_choice(config, "data.truncation", ("keep_end", "keep_start"))
     _check_choice(config, "data.on_bad_row", ("raise", "skip"))
-    ModelConfig.from_mapping(config.model)
+    if all(v is not None for k, v in config.model.items() if k in architecture_fields(required=True)):
+        ModelConfig.from_mapping(config.model)  # else it is completed from init_from at start-up
     for key in ("num_steps", "log_every", "checkpoint_every"):
         if int(config.train[key]) <= 0:
             raise ValueError(f"config.train.{key} must be positive, got {config.train[key]!r}")
@@ -170,3 +221,22 @@ def validate_config(config: ml_collections.ConfigDict, *, algorithms: Sequence[s
     if accum <= 0 or config.data.batch_size % accum:
         raise ValueError(f"config.data.batch_size ({config.data.batch_size}) must be a multiple of "
                          f"config.optimizer.grad_accum_steps ({accum})")
+
+
+def resolve_start(config: ml_collections.ConfigDict):
+    """(config, source): a copy of `config` completed from `config.init_from`.
+
+    The model section as `jalign.models.pretrained.resolve_model` completes and checks
+    it, and `data.tokenizer`, when unset, the starting folder's tokenizer.
+    `source` is the `pretrained.Pretrained` found (None without init_from).
+    """
+    source = pretrained.find(config.init_from) if config.init_from else None
+    model = pretrained.resolve_model(config.model, source)
+    out = copy.deepcopy(config)
+    with out.unlocked():
+        for key, value in model.items():
+            out.model[key] = value
+        if not out.data.tokenizer and source is not None and source.tokenizer:
+            out.data.tokenizer = source.tokenizer
+    ModelConfig.from_mapping(out.model)
+    return out, source

@@ -28,9 +28,10 @@ from jalign import distributed, lora
 from jalign import sharding as shd
 from jalign.algorithms import ALGOS, Algorithm, get_algorithm
 from jalign.algorithms.common import AlgorithmSetup
-from jalign.config_utils import validate_config
+from jalign.config_utils import resolve_start, validate_config
 from jalign.logging_utils import MetricsWriter, ProgressBar
 from jalign.memory import memory_report
+from jalign.models import pretrained
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import decoder_init_fn
 from jalign.optim import make_optimizer
@@ -114,11 +115,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _build(config, workdir: str) -> _Run:
     """Config -> algorithm, data, sharded state and the jitted step."""
     validate_config(config, algorithms=ALGOS)
+    config, source = resolve_start(config)
     distributed.initialize(config)  # before anything touches devices; no-op when alone or done
     os.makedirs(workdir, exist_ok=True)
     algo = get_algorithm(config.algo)
     spec = algo.spec(config)
     model_cfg = ModelConfig.from_mapping(config.model)
+    if _is_main():
+        pretrained.write_run_model(workdir, model_cfg, config.data.tokenizer)
+        print(_start_line(config, model_cfg, source))
     setup = algo.setup(config, model_cfg, spec, workdir)
     mesh = shd.make_mesh(config.mesh)
     rules = shd.rules_from_config(config.get("logical_axis_rules"))
@@ -134,6 +139,21 @@ def _build(config, workdir: str) -> _Run:
                      out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
     return _Run(config, workdir, algo, model_cfg, setup, schedule, mesh, rules, state,
                 state_shardings, p_step, batch_sharding)
+
+
+def _start_line(config, model_cfg: ModelConfig, source) -> str:
+    """What the run trains: the model, where it comes from, its dtypes and tokenizer."""
+    start = (f"{source.kind.replace('_', ' ')} folder {source.path}" if source is not None
+             else f"fresh weights (seed {config.seed})")
+    lora_note = ""
+    if model_cfg.lora_rank:
+        quant = model_cfg.lora_quantization
+        lora_note = (f"; LoRA rank {model_cfg.lora_rank} on a frozen "
+                     f"{quant if quant != 'none' else model_cfg.lora_base_dtype} base")
+    return (f"{config.algo}: a {model_cfg.family} model, {model_cfg.num_params() / 1e6:,.1f}M "
+            f"parameters, from {start}; params {model_cfg.param_dtype}, compute "
+            f"{model_cfg.dtype}{lora_note}; tokenizer "
+            f"{config.data.tokenizer or 'built-in (characters)'}")
 
 
 def _evaluator(r: _Run):

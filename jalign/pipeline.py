@@ -20,7 +20,7 @@ import ml_collections
 
 from jalign import loop
 from jalign.algorithms import ALGOS, get_algorithm
-from jalign.config_utils import validate_config
+from jalign.config_utils import resolve_start, validate_config
 
 COLUMNS = (("gold_reward/greedy", "gold (greedy)"), ("gold_reward/sampled", "gold (sampled)"),
            ("accuracy", "pref. acc."), ("kl/ref", "KL to start"),
@@ -100,6 +100,7 @@ def validate_pipeline(config: ml_collections.ConfigDict) -> None:
     """Checks every stage's config (names, `config.pipeline.<stage>` overrides, values and
     the algorithm's own sections) before the first stage trains."""
     validate_config(config, algorithms=ALGOS)
+    config, _ = resolve_start(config)  # the first stage's model; later ones inherit it
     stages = stages_of(config)
     unknown = [k for k in config.pipeline.keys() if k != "stages" and k not in ALGOS]
     if unknown:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from jalign.checkpoint import load_params
 from jalign.evaluate import evaluate_policy
+from jalign.models import pretrained
 from jalign.models.config import ModelConfig
 from jalign.tokenizer import Tokenizer, builtin_tokenizer
 
@@ -83,9 +83,10 @@ def load_start_params(config, into: str | None = None):
     if not config.init_from:
         return None
 
+    source = pretrained.find(config.init_from)
+
     def load(abstract_params):
         if into is None:
-            return load_params(config.init_from, abstract_params)
-        return {**{k: None for k in abstract_params}, into: load_params(config.init_from,
-                                                                         abstract_params[into])}
+            return source.load(abstract_params)
+        return {**{k: None for k in abstract_params}, into: source.load(abstract_params[into])}
     return load

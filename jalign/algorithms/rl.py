@@ -31,6 +31,7 @@ from jalign.algorithms.rollout import local_rows, make_rollout
 from jalign.checkpoint import load_params
 from jalign.losses.rl import (gae_advantages, group_advantages, kl_estimate, rloo_advantages,
                               whiten)
+from jalign.models import pretrained
 from jalign.models.config import ModelConfig
 from jalign.models.heads import scalar_model_init_fn, token_values
 from jalign.models.transformer import decoder_init_fn
@@ -158,12 +159,14 @@ def ppo_setup(config, model_cfg: ModelConfig, rl: RlSpec, workdir: str) -> Algor
         p_rng, c_rng = jax.random.split(rng)
         return {"policy": decoder_init_fn(model_cfg)(p_rng), "critic": scalar_model_init_fn(model_cfg)(c_rng)}
 
+    start = pretrained.find(config.init_from) if config.init_from else None
+
     def load(abstract):
-        policy = load_params(config.init_from, abstract["policy"]) if config.init_from else None
+        policy = start.load(abstract["policy"]) if start else None
         if rl.critic_init:
             critic = load_params(rl.critic_init, abstract["critic"])
-        elif config.init_from:
-            critic = {"decoder": load_params(config.init_from, abstract["critic"]["decoder"])}
+        elif start:
+            critic = {"decoder": start.load(abstract["critic"]["decoder"])}
         else:
             critic = None
         return {"policy": policy, "critic": critic}

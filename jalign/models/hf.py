@@ -224,15 +224,31 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, dtype: str | None = 
                 "model.embed_tokens.weight").get_dtype()
             dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(stored)
         config = config_from_hf(hf_config, dtype=dtype)
-        params = _load_tensors(config, path, weight_map, files, mesh or _default_mesh(),
-                               shd.rules_from_config(rules))
+        params = _load_tensors(config, path, weight_map, files,
+                               abstract_params(config, mesh=mesh or _default_mesh(), rules=rules))
     return config, params
 
 
-def _load_tensors(config, path, weight_map, files, mesh, rules):
-    abstract = _boxed_params(config)
-    shardings = traverse_util.flatten_dict(shd.logical_shardings(abstract, mesh, rules))
-    shapes = traverse_util.flatten_dict(nn.meta.unbox(abstract))
+def load_weights(path: str, abstract: Any) -> Any:
+    """The weights of the Hugging Face folder `path` as the params `abstract` describes.
+
+    `abstract` is a params tree of ShapeDtypeStructs with shardings (e.g. the
+    training state's, `jalign.state.abstract_with_shardings`): each tensor is read,
+    cast to the struct's dtype and placed on its sharding, one tensor at a time.
+    Raises ValueError naming the tensor and file when the folder does not fit it.
+    """
+    hf_config = _read_config_json(os.path.join(path, "config.json"))
+    weight_map = _weight_map(path)
+    with contextlib.ExitStack() as stack:
+        files = {name: stack.enter_context(_safe_open(os.path.join(path, name)))
+                 for name in sorted(set(weight_map.values()))}
+        return _load_tensors(config_from_hf(hf_config), path, weight_map, files, abstract)
+
+
+def _load_tensors(config, path, weight_map, files, abstract):
+    structs = traverse_util.flatten_dict(abstract)
+    shardings = {k: v.sharding for k, v in structs.items()}
+    shapes = structs
     table = _tensor_table(config)
     assert {e.path for e in table} == set(shapes), "tensor table out of date with Decoder"
     plan = {e.path: _hf_names(e, shapes[e.path].shape, config.num_layers) for e in table}
