@@ -30,6 +30,7 @@ def tiny_rl_config(algo: str, *, prompts: int, group_size: int, test: bool,
     config.data.task = "sort"
     config.data.batch_size = prompts    # prompts per step; x group_size completions
     config.data.max_length = 48
+    config.data.max_prompt_length = 48
     config.optimizer.learning_rate = 2e-4
     config.optimizer.warmup_steps = 5
     config.optimizer.schedule = "constant"

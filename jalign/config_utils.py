@@ -90,9 +90,17 @@ def base_config() -> ml_collections.ConfigDict:
         length_bias=0.0,         # built-in tasks: labeller's preference for longer answers
         demo_quality=1.0,        # built-in tasks: fraction of perfect demonstrations
         batch_size=32,           # global batch (sequences, or packed rows)
-        max_length=64,
-        max_prompt_length=48,
+        # Real chat data fits, as in TRL: a row longer than max_length loses the end of its
+        # completion; max_prompt_length > 0 also cuts prompts (0 = no prompt limit; RL prompts
+        # must then fit max_length). The built-in tasks' configs set their own, smaller lengths.
+        max_length=1024,
+        max_prompt_length=0,
         truncation="keep_end",
+        # padded rows: the batch's longest sequence rounded up to this multiple (one compiled
+        # step per distinct width, at most max_length / multiple of them)...
+        pad_to_multiple_of=64,
+        # ...or, if set, the smallest of these widths that fits (max_length is appended)
+        bucket_boundaries=ml_collections.FieldReference(None, field_type=list),
         packing=False,
         on_bad_row="raise",      # "raise" or "skip" (skips are counted and reported)
     ))

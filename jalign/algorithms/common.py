@@ -57,12 +57,26 @@ def report_skips(report, what: str = "training data") -> None:
         print(f"{what}: {report.summary()}", flush=True)
 
 
-def summarize_run(name: str, skip_report=None):
-    """summary.json's entry; with `skip_report`, "skipped_rows": {reason: count}."""
+def report_truncation(report, data, what: str = "training data") -> None:
+    """Prints what fitting the rows into the configured lengths cut (a TruncationReport),
+    and a warning naming the config keys to raise when more than 1% of the rows were cut."""
+    print(f"{what}: {report.summary()}; config.data.max_length={data.max_length}, "
+          f"config.data.max_prompt_length={data.max_prompt_length}", flush=True)
+    warning = report.warning(max_length=data.max_length,
+                             max_prompt_length=data.max_prompt_length)
+    if warning:
+        print(f"warning: {what}: {warning}", flush=True)
+
+
+def summarize_run(name: str, skip_report=None, truncation_report=None):
+    """summary.json's entry; with `skip_report`, "skipped_rows": {reason: count}; with
+    `truncation_report`, "truncated_rows": {"rows", "truncated", each kind, longest lengths}."""
     def summarize(evals, final_metrics):
         out = {"algo": name, "final_metrics": final_metrics, "evals": evals}
         if skip_report is not None:
             out["skipped_rows"] = dict(sorted(skip_report.counts.items()))
+        if truncation_report is not None:
+            out["truncated_rows"] = truncation_report.as_dict()
         if evals:
             out["initial"], out["final"] = evals[0], evals[-1]
             before = evals[0].get("gold_reward/greedy")

@@ -12,11 +12,11 @@ import numpy as np
 
 from jalign import losses
 from jalign.algorithms.common import (AlgorithmSetup, check_vocab, load_start_params,
-                                      load_tokenizer, report_skips, summarize_run,
-                                      task_evaluator)
-from jalign.data import (SkipReport, load_preference_records, make_preference_dataset,
-                         make_unpaired_dataset, preference_records_from_dicts,
-                         tokenizable_preference_records)
+                                      load_tokenizer, report_skips, report_truncation,
+                                      summarize_run, task_evaluator)
+from jalign.data import (SkipReport, TruncationReport, load_preference_records,
+                         make_preference_dataset, make_unpaired_dataset,
+                         preference_records_from_dicts, tokenizable_preference_records)
 from jalign.models.config import ModelConfig
 from jalign.models.heads import scalar_model_init_fn
 from jalign.steps.common import decoder_logprob_fn
@@ -129,15 +129,17 @@ def reward_spec(config):
 
 
 def _records(config, tokenizer, *, paired: bool, split: str, n: int, label_noise: float):
-    """(task, records, skip report): preference records from a built-in task or files.
+    """(task, records, skip report, truncation report): preference records from a
+    built-in task or files.
 
     Built-in task pairs are labelled by the gold reward. Records that do not
     tokenise with the configured lengths (a prompt that fills max_length, a chat
     template that raises on the row) are raised or, under `on_bad_row="skip"`,
-    counted in the same report as the file's bad rows, once, and printed.
+    counted in the same report as the file's bad rows, once, and printed; what the
+    lengths cut from the others is counted and printed.
     """
     data = config.data
-    task, report = None, SkipReport()
+    task, report, truncated = None, SkipReport(), TruncationReport()
     if data.source == "task":
         task = get_task(data.task)
         seed = config.seed + (0 if split == "train" else 7919)
@@ -151,15 +153,17 @@ def _records(config, tokenizer, *, paired: bool, split: str, n: int, label_noise
         if not paths:
             if split == "train":
                 raise ValueError(f"config.data.path must name the {data.source} file(s) to read")
-            return None, [], report
+            return None, [], report, truncated
         records, report = load_preference_records(paths, paired=paired,
                                                   on_bad_row=data.on_bad_row)
     records = tokenizable_preference_records(
         records, tokenizer, paired=paired, max_length=data.max_length,
         max_prompt_length=data.max_prompt_length, truncation=data.truncation,
-        on_bad_row=data.on_bad_row, skip_report=report)
-    report_skips(report, "training data" if split == "train" else "held-out data")
-    return task, records, report
+        on_bad_row=data.on_bad_row, skip_report=report, truncation_report=truncated)
+    what = "training data" if split == "train" else "held-out data"
+    report_skips(report, what)
+    report_truncation(truncated, data, what)
+    return task, records, report, truncated
 
 
 def _dataset_fn(config, tokenizer, records, *, paired: bool, shuffle=True, num_epochs=None):
@@ -176,8 +180,9 @@ def _dataset_fn(config, tokenizer, records, *, paired: bool, shuffle=True, num_e
                     num_epochs=num_epochs, max_prompt_length=data.max_prompt_length,
                     truncation=data.truncation, shard_index=process_index,
                     shard_count=process_count, on_bad_row=data.on_bad_row,
-                    # Several processes must agree on the padded width: one bucket then.
-                    bucket_boundaries=(data.max_length,) if process_count > 1 else None, **kwargs)
+                    # Every process pads step k's batch to the same width (jalign.data.padding).
+                    pad_to_multiple_of=data.pad_to_multiple_of,
+                    bucket_boundaries=data.bucket_boundaries, **kwargs)
     return dataset
 
 
@@ -205,20 +210,23 @@ def held_out_pair_metrics(batches, rewards_fn) -> tuple[float, float]:
 # --------------------------------------------------------------------- reward model
 
 def _preference_data(config, model_cfg: ModelConfig, *, paired: bool):
-    """(tokenizer, task, training records, their skip report, held-out pair batches)."""
+    """(tokenizer, task, training records, their skip and truncation reports, held-out
+    pair batches)."""
     tokenizer = load_tokenizer(config)
     check_vocab(model_cfg, tokenizer)
-    task, train, report = _records(config, tokenizer, paired=paired, split="train",
-                                   n=config.data.num_train_examples,
-                                   label_noise=config.data.label_noise)
-    _, held_out, _ = _records(config, tokenizer, paired=True, split="eval",
-                              n=config.data.num_eval_pairs, label_noise=0.0)
-    return tokenizer, task, train, report, _eval_batches(config, tokenizer, held_out)
+    task, train, report, truncated = _records(config, tokenizer, paired=paired, split="train",
+                                              n=config.data.num_train_examples,
+                                              label_noise=config.data.label_noise)
+    _, held_out, _, _ = _records(config, tokenizer, paired=True, split="eval",
+                                 n=config.data.num_eval_pairs, label_noise=0.0)
+    return (tokenizer, task, train, report, truncated,
+            _eval_batches(config, tokenizer, held_out))
 
 
 def reward_setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
     del spec, workdir
-    tokenizer, _, train, report, batches = _preference_data(config, model_cfg, paired=True)
+    tokenizer, _, train, report, truncated, batches = _preference_data(config, model_cfg,
+                                                                        paired=True)
     score = jax.jit(decoder_score_fn(model_cfg))
 
     def evaluate(params, start_params):
@@ -230,7 +238,8 @@ def reward_setup(config, model_cfg: ModelConfig, spec, workdir: str) -> Algorith
                           params_init_fn=scalar_model_init_fn(model_cfg),
                           load_params=load_start_params(config, into="decoder"),
                           evaluate=evaluate if batches else None,
-                          summarize=summarize_run("reward", skip_report=report))
+                          summarize=summarize_run("reward", skip_report=report,
+                                                  truncation_report=truncated))
 
 
 def reward_step(config, model_cfg, loss_fn, optimizer):
@@ -268,7 +277,8 @@ def _precompute_reference(config, model_cfg, tokenizer, records, params, workdir
 
 def _dpo_like_setup(config, model_cfg: ModelConfig, spec: PreferenceSpec, workdir: str, *,
                     paired: bool) -> AlgorithmSetup:
-    tokenizer, task, train, report, batches = _preference_data(config, model_cfg, paired=paired)
+    tokenizer, task, train, report, truncated, batches = _preference_data(config, model_cfg,
+                                                                           paired=paired)
     logprob_fn = decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl)
     logps_fn = jax.jit(lambda p, b: sequence_logp_sums(logprob_fn, p, b,
                                                        2 * b["pair_mask"].shape[0])[0])
@@ -292,7 +302,8 @@ def _dpo_like_setup(config, model_cfg: ModelConfig, spec: PreferenceSpec, workdi
                           with_reference=spec.reference == "params",
                           evaluate=evaluate,
                           prepare=prepare if spec.reference == "precomputed" else None,
-                          summarize=summarize_run(config.algo, skip_report=report))
+                          summarize=summarize_run(config.algo, skip_report=report,
+                                                  truncation_report=truncated))
 
 
 def dpo_setup(config, model_cfg, spec, workdir):
@@ -300,7 +311,9 @@ def dpo_setup(config, model_cfg, spec, workdir):
 
 
 def dpo_step(config, model_cfg, spec: PreferenceSpec, optimizer):
-    return make_dpo_step(decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl),
+    # with_stats: TRL's entropy, mean_token_accuracy and logits/* metrics.
+    return make_dpo_step(decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl,
+                                            with_stats=True),
                          optimizer, loss_fn=spec.loss_fn, reference=spec.reference,
                          ref_sync_every=spec.ref_sync_every, ref_sync_mixup=spec.ref_sync_mixup,
                          grad_accum_steps=spec.grad_accum_steps,

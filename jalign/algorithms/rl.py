@@ -81,7 +81,8 @@ def _setup(config, model_cfg: ModelConfig, rl: RlSpec, inputs: RlInputs) -> Algo
                           load_params=load_start_params(config),
                           with_reference=rl.uses_reference,
                           evaluate=rl_evaluator(config, model_cfg, rl, inputs),
-                          summarize=summarize_run(config.algo, skip_report=inputs.skip_report),
+                          summarize=summarize_run(config.algo, skip_report=inputs.skip_report,
+                                                  truncation_report=inputs.truncation_report),
                           rollout=rollout)
 
 
@@ -183,7 +184,8 @@ def ppo_setup(config, model_cfg: ModelConfig, rl: RlSpec, workdir: str) -> Algor
         with_reference="policy", frozen_extra={"kl_coef": jnp.float32(rl.kl_coef)},
         evaluate=(lambda params, start: evaluate(params["policy"], start and start["policy"]))
         if evaluate else None,
-        summarize=summarize_run(config.algo, skip_report=inputs.skip_report), rollout=rollout)
+        summarize=summarize_run(config.algo, skip_report=inputs.skip_report,
+                                truncation_report=inputs.truncation_report), rollout=rollout)
 
 
 def ppo_step(config, model_cfg, rl: RlSpec, optimizer):

@@ -15,12 +15,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jalign.algorithms.common import check_vocab, load_tokenizer, report_skips
+from jalign.algorithms.common import (check_vocab, load_tokenizer, report_skips,
+                                      report_truncation)
 from jalign.algorithms.reward_sources import (CombinedReward, build_sources, check_columns,
                                               task_gold_reward)
 from jalign.algorithms.rl_spec import RlSpec
 from jalign.checkpoint import load_params
-from jalign.data import SkipReport, load_records
+from jalign.data import SkipReport, TruncationReport, load_records
 from jalign.data.prompts import (PROMPT_IDS_KEY, make_prompt_dataset, prepare_prompt_records,
                                  reward_columns)
 from jalign.data.sft import tokenize_prompt_completion
@@ -40,6 +41,8 @@ class RlInputs:
     eval_records: list[dict]      # held-out prompts (task split "eval", or config.data.eval_path)
     reward: CombinedReward
     skip_report: SkipReport
+    # training prompts' rows and longest prompt (prompts are never cut: too long is a skip)
+    truncation_report: TruncationReport = dataclasses.field(default_factory=TruncationReport)
 
 
 def _task_records(task, n: int, *, seed: int, split: str) -> list[dict]:
@@ -56,8 +59,9 @@ def _file_records(config, paths: str) -> tuple[list[dict], SkipReport]:
 def rl_inputs(config, spec: RlSpec, model_cfg: ModelConfig) -> RlInputs:
     """Prompt records (train and held-out), their tokenisation and the reward functions.
 
-    Bad rows (unreadable, too-long prompts, failing chat templates) are raised with
-    file:line or counted as skips; a column a reward function requires that the data
+    Bad rows (unreadable, prompts longer than config.data.max_prompt_length, or than
+    max_length when that is 0, failing chat templates) are raised with file:line or
+    counted as skips; a column a reward function requires that the data
     lacks fails here, before any sampling.
     """
     data = config.data
@@ -76,17 +80,24 @@ def rl_inputs(config, spec: RlSpec, model_cfg: ModelConfig) -> RlInputs:
         train, report = _file_records(config, data.path)
         held, held_report = _file_records(config, data.eval_path) if data.eval_path else ([], held_report)
         where = data.path
-    prepare = dict(max_prompt_length=data.max_prompt_length, on_bad_row=data.on_bad_row)
-    train = prepare_prompt_records(train, tokenizer, skip_report=report, **prepare)
+    # Prompts are never cut: one longer than the limit is a counted skip (or an error).
+    limit = ("max_prompt_length", data.max_prompt_length) if data.max_prompt_length else (
+        "max_length", data.max_length)
+    prepare = dict(max_prompt_length=limit[1], limit_name=f"config.data.{limit[0]}",
+                   on_bad_row=data.on_bad_row)
+    truncated = TruncationReport()
+    train = prepare_prompt_records(train, tokenizer, skip_report=report,
+                                   truncation_report=truncated, **prepare)
     held = prepare_prompt_records(held, tokenizer, skip_report=held_report, **prepare) if held else []
     report_skips(report)
     report_skips(held_report, "held-out data")
+    report_truncation(truncated, data, "training prompts")
     reward = build_sources(spec.reward_sources, spec.reward_weights,
                            gold=task_gold_reward(task) if task is not None else None,
                            reward_model=lambda: reward_model_fn(spec, model_cfg, tokenizer,
                                                                  data.max_length))
     check_columns(reward.sources, list(reward_columns(train)), where)
-    return RlInputs(tokenizer, task, train, held, reward, report)
+    return RlInputs(tokenizer, task, train, held, reward, report, truncated)
 
 
 def reward_model_fn(spec: RlSpec, model_cfg, tokenizer, max_length: int) -> Callable:

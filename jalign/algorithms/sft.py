@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from jalign.algorithms.common import (AlgorithmSetup, check_vocab, load_start_params,
-                                      load_tokenizer, report_skips, summarize_run,
-                                      task_evaluator)
-from jalign.data import SkipReport, load_records, make_sft_dataset, tokenizable_sft_records
+                                      load_tokenizer, report_skips, report_truncation,
+                                      summarize_run, task_evaluator)
+from jalign.data import (SkipReport, TruncationReport, load_records, make_sft_dataset,
+                         tokenizable_sft_records)
 from jalign.models.config import ModelConfig
 from jalign.steps.common import decoder_logprob_fn
 from jalign.steps.sft import make_sft_step
@@ -13,11 +14,13 @@ from jalign.tasks import get_task
 
 
 def sft_records(config, tokenizer):
-    """(task, records, skip report): demonstrations from a built-in task or files.
+    """(task, records, skip report, truncation report): demonstrations from a built-in
+    task or files.
 
     Records that do not tokenise with the configured lengths (e.g. a prompt that
     fills max_length, a chat template that raises on the row) are raised or, under
-    `on_bad_row="skip"`, counted in the same report as the file's bad rows, once.
+    `on_bad_row="skip"`, counted in the same report as the file's bad rows, once;
+    what the lengths cut from the others is counted and printed.
     """
     data = config.data
     task, report = None, SkipReport()
@@ -31,12 +34,14 @@ def sft_records(config, tokenizer):
             raise ValueError(f"config.data.path must name the {data.source} file(s) to read")
         records, report = load_records(paths, required_fields=("prompt", "completion"),
                                        on_bad_row=data.on_bad_row)
+    truncated = TruncationReport()
     records = tokenizable_sft_records(
         records, tokenizer, max_length=data.max_length,
         max_prompt_length=data.max_prompt_length, truncation=data.truncation,
-        on_bad_row=data.on_bad_row, skip_report=report)
+        on_bad_row=data.on_bad_row, skip_report=report, truncation_report=truncated)
     report_skips(report)
-    return task, records, report
+    report_truncation(truncated, data)
+    return task, records, report, truncated
 
 
 def spec(config) -> None:
@@ -48,7 +53,7 @@ def setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
     del spec, workdir
     tokenizer = load_tokenizer(config)
     check_vocab(model_cfg, tokenizer)
-    task, records, report = sft_records(config, tokenizer)
+    task, records, report, truncated = sft_records(config, tokenizer)
     data = config.data
 
     def dataset(process_index, process_count):
@@ -60,13 +65,15 @@ def setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
             max_length=data.max_length, seed=config.seed, packing=data.packing,
             max_prompt_length=data.max_prompt_length, truncation=data.truncation,
             shard_index=process_index, shard_count=process_count, on_bad_row=data.on_bad_row,
-            # Several processes must agree on the padded width: one bucket then.
-            bucket_boundaries=(data.max_length,) if process_count > 1 else None)
+            # Every process pads step k's batch to the same width (jalign.data.padding).
+            pad_to_multiple_of=data.pad_to_multiple_of,
+            bucket_boundaries=data.bucket_boundaries)
 
     return AlgorithmSetup(dataset=dataset,
                           load_params=load_start_params(config),
                           evaluate=task_evaluator(config, model_cfg, tokenizer, task),
-                          summarize=summarize_run("sft", skip_report=report))
+                          summarize=summarize_run("sft", skip_report=report,
+                                                  truncation_report=truncated))
 
 
 def make_step(config, model_cfg, spec, optimizer):

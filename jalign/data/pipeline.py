@@ -4,7 +4,7 @@
             -> MapDataset.source -> shard (this process's slice)
             -> shuffle(seed) -> repeat (reshuffled each epoch)
             -> map(tokenize) -> to_iter_dataset
-            -> batch with bucketed padding      (packing=False)
+            -> batch, padded to the longest row (packing=False)
              | first-fit pack rows, then batch  (packing=True)
 
 Every batch is a dict of int32 arrays, all [B, T]:
@@ -15,15 +15,20 @@ Every batch is a dict of int32 arrays, all [B, T]:
     segment_ids  1..k for the sequences packed in a row, 0 for padding
     positions    0, 1, ... restarting at each segment; 0 at padding
 
-T is one of the bucket boundaries (padded mode) or max_length (packing), so a
-jitted step compiles for few shapes. The last batch of a finite run is filled
-up to B with all-padding rows (segment_ids 0, loss_mask 0).
+T is, in padded mode, the batch's longest sequence rounded up to a multiple
+(default 64) or, with explicit buckets, the smallest bucket boundary that fits
+it (`jalign.data.padding`: a jitted step compiles once per distinct T, at most
+ceil(max_length / 64) of them); with packing it is max_length. The last batch
+of a finite run is filled up to B with all-padding rows (segment_ids 0,
+loss_mask 0).
 
 Bad rows: every record is tokenised once when the dataset is built, before
 sharding. One that fails (a prompt that fills max_length, a chat template that
 raises, ...) raises a DataError naming its origin, or under on_bad_row="skip"
 is counted by reason in the SkipReport and left out, so the dataset holds
 only records that tokenise and the counts are known before the first batch.
+The same pass counts what truncation cut from the kept rows (a
+`TruncationReport`, see `jalign.data.truncation`).
 
 Checkpointing: `it = iter(ds)`; `it.get_state()` is a small dict and
 `iter(ds).set_state(state)` on an identically built dataset continues with
@@ -40,40 +45,21 @@ from collections.abc import Callable, Mapping, Sequence
 import grain
 import numpy as np
 
-from jalign.data.sft import TRUNCATION_MODES, TokenizerLike, tokenize_prompt_completion
+from jalign.data.padding import (DEFAULT_PAD_TO_MULTIPLE_OF, LocalWidth, PadBatch, Positioned,
+                                 RowWidths, SharedWidth, default_bucket_boundaries,
+                                 resolve_bucket_boundaries, row_widths, with_position)
+from jalign.data.sft import TRUNCATION_MODES, TokenizerLike, fit_prompt_completion
 from jalign.data.sources import ON_BAD_ROW, ORIGIN_KEY, DataError, SkipReport
+from jalign.data.truncation import TruncationReport
+
+__all__ = ["DEFAULT_PAD_TO_MULTIPLE_OF", "RowWidths", "default_bucket_boundaries",
+           "epoch_dataset", "make_sft_dataset", "pack_and_batch", "pad_batch",
+           "padded_batches", "resolve_bucket_boundaries", "row_widths",
+           "tokenizable_indices", "tokenizable_sft_records", "tokenized_examples"]
 
 # Tokenising is light: two reader threads keep up on small machines without
 # oversubscribing the cores the train step needs.
 DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
-
-
-def default_bucket_boundaries(max_length: int, *, smallest: int = 64) -> tuple[int, ...]:
-    """Powers of two from `smallest` below `max_length`, then `max_length`."""
-    boundaries = []
-    b = smallest
-    while b < max_length:
-        boundaries.append(b)
-        b *= 2
-    return tuple(boundaries) + (max_length,)
-
-
-def resolve_bucket_boundaries(bucket_boundaries: Sequence[int] | None,
-                              max_length: int) -> tuple[int, ...]:
-    """Sorted padded-mode widths ending at `max_length` (default: the powers of two).
-
-    Raises:
-        ValueError: a boundary outside [1, max_length].
-    """
-    if bucket_boundaries is None:
-        return default_bucket_boundaries(max_length)
-    boundaries = sorted(set(int(b) for b in bucket_boundaries))
-    if not boundaries or boundaries[0] < 1 or boundaries[-1] > max_length:
-        raise ValueError(f"bucket_boundaries must lie in [1, max_length="
-                         f"{max_length}], got {list(bucket_boundaries)}")
-    if boundaries[-1] != max_length:
-        boundaries.append(max_length)
-    return tuple(boundaries)
 
 
 def _with_index(index: int, record: Mapping) -> tuple[int, Mapping]:
@@ -123,14 +109,15 @@ def epoch_dataset(records: Sequence[Mapping], *, seed: int, shuffle: bool = True
 
 
 def tokenizable_indices(records: Sequence[Mapping], check: Callable, *,
-                        on_bad_row: str,
-                        skip_report: SkipReport | None) -> list[int]:
+                        on_bad_row: str, skip_report: SkipReport | None,
+                        truncation_report: TruncationReport | None = None) -> list[int]:
     """Positions of the records that `check((index, record))` accepts.
 
     Runs once over all records, in order. A record `check` rejects with a
     DataError raises it (on_bad_row="raise") or is counted in `skip_report`
     and left out (on_bad_row="skip"; without a report, the count is logged
-    as a warning).
+    as a warning). With `truncation_report`, what `check` returns for a kept
+    record (its `Truncation`, or one per sequence of the row) is counted there.
 
     Raises:
         DataError: the first bad record under "raise"; or no record is left.
@@ -142,12 +129,14 @@ def tokenizable_indices(records: Sequence[Mapping], check: Callable, *,
     kept = []
     for index, record in enumerate(records):
         try:
-            check((index, record))
+            cuts = check((index, record))
         except DataError as e:
             if on_bad_row == "raise":
                 raise
             report.add(e)
             continue
+        if truncation_report is not None:
+            truncation_report.add(cuts)
         kept.append(index)
     if not kept:
         raise DataError(f"none of the {len(records)} records could be tokenised; "
@@ -180,6 +169,39 @@ def tokenized_examples(records: Sequence[Mapping], tokenize, *, seed: int, shuff
     )
 
 
+def padded_batches(records: Sequence[Mapping], tokenize, stack_fn, *,
+                   length_fn: Callable[[Mapping], int], widths: RowWidths,
+                   batch_size: int, seed: int, shuffle: bool, num_epochs: int | None,
+                   shard_index: int, shard_count: int, on_bad_row: str,
+                   skip_report: SkipReport | None, check: Callable | None = None,
+                   read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+    """`tokenized_examples` in batches of `batch_size`, padded to a `widths` width.
+
+    `stack_fn(examples, width)` builds a batch of rows `width` wide;
+    `length_fn(example)` is the length its rows need. With one shard, a batch
+    is as wide as its longest example needs; with several, batch k of every
+    shard is as wide as the longest example of all shards' batch k (see
+    `_SharedWidth`), so the processes of a multi-process run stack batches of
+    one shape into the global batch.
+    """
+    kept = tokenizable_indices(records, check or tokenize, on_bad_row=on_bad_row,
+                               skip_report=skip_report)
+    stream_args = dict(seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                       shard_count=shard_count,
+                       indices=None if len(kept) == len(records) else kept)
+    stream = epoch_dataset(records, shard_index=shard_index, **stream_args)
+    if shard_count == 1:
+        width_fn = LocalWidth(widths, length_fn)
+        examples = stream.map(tokenize)
+    else:
+        streams = [epoch_dataset(records, shard_index=s, **stream_args)
+                   for s in range(shard_count)]
+        width_fn = SharedWidth(widths, length_fn, tokenize, records, streams, batch_size)
+        examples = stream.map_with_index(with_position).map(Positioned(tokenize))
+    return examples.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS).batch(
+        batch_size, batch_fn=PadBatch(stack_fn, width_fn))
+
+
 @dataclasses.dataclass
 class _TokenizeSFT:
     """Picklable map function: (index, record) -> example; DataError names the record."""
@@ -191,9 +213,16 @@ class _TokenizeSFT:
     add_bos: bool
 
     def __call__(self, item):
+        return self._fit(item)[0]
+
+    def check(self, item):
+        """The record's `Truncation`; raises the DataError `__call__` would raise."""
+        return self._fit(item)[1]
+
+    def _fit(self, item):
         index, record = item
         try:
-            return tokenize_prompt_completion(
+            return fit_prompt_completion(
                 record["prompt"], record["completion"], self.tokenizer,
                 max_length=self.max_length,
                 max_prompt_length=self.max_prompt_length,
@@ -208,17 +237,21 @@ def tokenizable_sft_records(
     max_prompt_length: int | None = None, truncation: str = "keep_end",
     add_bos: bool = True, on_bad_row: str = "raise",
     skip_report: SkipReport | None = None,
+    truncation_report: TruncationReport | None = None,
 ) -> list[Mapping]:
     """The records `make_sft_dataset` with these arguments would keep.
 
     For a training run to check (and count) its records once at start-up, in
     the report that counted the file's bad rows; building datasets from the
-    returned list then skips nothing. Arguments as in `make_sft_dataset`.
+    returned list then skips nothing. What truncation cuts from the kept
+    records is counted in `truncation_report`. Other arguments as in
+    `make_sft_dataset`.
     """
     tokenize = _TokenizeSFT(tokenizer, max_length, max_prompt_length, truncation,
                             add_bos)
-    kept = tokenizable_indices(records, tokenize, on_bad_row=on_bad_row,
-                               skip_report=skip_report)
+    kept = tokenizable_indices(records, tokenize.check, on_bad_row=on_bad_row,
+                               skip_report=skip_report,
+                               truncation_report=truncation_report)
     return [records[i] for i in kept]
 
 
@@ -231,18 +264,13 @@ def _row_layout(length: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return segment_ids, positions
 
 
-def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], *, batch_size: int,
-              boundaries: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
-    """Stacks one example per row, padded to the smallest fitting boundary.
+def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], width: int, *,
+              batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Stacks one example per row, padded to `width`.
 
     `examples` hold 1-D `tokens` and `loss_mask`; fewer than `batch_size`
     examples (the end of a finite run) are topped up with all-padding rows.
     """
-    longest = max(len(ex["tokens"]) for ex in examples)
-    width = next((b for b in boundaries if b >= longest), None)
-    if width is None:
-        raise ValueError(f"sequence of length {longest} exceeds the largest "
-                         f"bucket boundary {boundaries[-1]}")
     batch = {
         "tokens": np.full((batch_size, width), pad_id, np.int32),
         "loss_mask": np.zeros((batch_size, width), np.int32),
@@ -255,6 +283,10 @@ def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], *, batch_size: int,
         batch["loss_mask"][row, :n] = ex["loss_mask"]
         batch["segment_ids"][row], batch["positions"][row] = _row_layout(n, width)
     return batch
+
+
+def _sequence_length(example: Mapping) -> int:
+    return len(example["tokens"])
 
 
 def _stack_packed_rows(rows: Sequence[Mapping[str, np.ndarray]], *,
@@ -317,6 +349,7 @@ def make_sft_dataset(
     num_epochs: int | None = None,
     packing: bool = False,
     bucket_boundaries: Sequence[int] | None = None,
+    pad_to_multiple_of: int = DEFAULT_PAD_TO_MULTIPLE_OF,
     max_prompt_length: int | None = None,
     truncation: str = "keep_end",
     add_bos: bool = True,
@@ -341,8 +374,11 @@ def make_sft_dataset(
         shuffle: shuffle records each epoch (and packed rows within a group).
         num_epochs: passes over this shard; None repeats forever.
         packing: pack several examples per row (first fit) instead of one.
-        bucket_boundaries: padded-mode row widths; default powers of two from
-            64, ending at max_length (always appended). Unused when packing.
+        bucket_boundaries: padded-mode row widths (max_length is always
+            appended), e.g. `default_bucket_boundaries(max_length)`; None pads
+            to the batch's longest sequence rounded up to `pad_to_multiple_of`
+            (see `jalign.data.padding`). Unused when packing.
+        pad_to_multiple_of: the rounding of padded widths without buckets.
         max_prompt_length, truncation, add_bos: see `tokenize_prompt_completion`.
         shard_index, shard_count: this process's disjoint shard of records.
         on_bad_row: what to do with a record that does not tokenise (its
@@ -363,15 +399,18 @@ def make_sft_dataset(
             f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     tokenize = _TokenizeSFT(tokenizer, max_length, max_prompt_length, truncation,
                             add_bos)
-    examples = tokenized_examples(records, tokenize, seed=seed, shuffle=shuffle,
-                                  num_epochs=num_epochs, shard_index=shard_index,
-                                  shard_count=shard_count, on_bad_row=on_bad_row,
-                                  skip_report=skip_report, read_options=read_options)
+    stream = dict(seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                  shard_index=shard_index, shard_count=shard_count,
+                  on_bad_row=on_bad_row, skip_report=skip_report,
+                  check=tokenize.check, read_options=read_options)
     if packing:
+        examples = tokenized_examples(records, tokenize, **stream)
         return pack_and_batch(examples, batch_size=batch_size,
                               max_length=max_length, pad_id=tokenizer.pad_id,
                               seed=seed, shuffle=shuffle)
-    boundaries = resolve_bucket_boundaries(bucket_boundaries, max_length)
-    return examples.batch(batch_size, batch_fn=functools.partial(
-        pad_batch, batch_size=batch_size, boundaries=boundaries,
-        pad_id=tokenizer.pad_id))
+    widths = row_widths(max_length, pad_to_multiple_of=pad_to_multiple_of,
+                        bucket_boundaries=bucket_boundaries)
+    return padded_batches(
+        records, tokenize, functools.partial(pad_batch, batch_size=batch_size,
+                                             pad_id=tokenizer.pad_id),
+        length_fn=_sequence_length, widths=widths, batch_size=batch_size, **stream)

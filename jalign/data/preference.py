@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 
 from jalign.data.pipeline import tokenizable_indices
-from jalign.data.sft import TokenizerLike, tokenize_prompt_completion
+from jalign.data.sft import TokenizerLike, fit_prompt_completion
 from jalign.data.sources import (ORIGIN_KEY, DataError, SkipReport,
                                  load_records, records_from_dicts, validate_record)
+from jalign.data.truncation import Truncation, TruncationReport
 
 PAIRED_FIELDS = ("prompt", "chosen", "rejected")
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
@@ -230,14 +231,25 @@ def tokenize_preference_pair(prompt, chosen, rejected, tokenizer: TokenizerLike,
                              max_length: int, max_prompt_length: int | None = None,
                              truncation: str = "keep_end",
                              add_bos: bool = True) -> dict[str, np.ndarray]:
-    """Tokenises a preference pair: `tokenize_prompt_completion` for each response.
+    """Tokenises a preference pair; `fit_preference_pair` without the `Truncation`s."""
+    return fit_preference_pair(prompt, chosen, rejected, tokenizer, max_length=max_length,
+                               max_prompt_length=max_prompt_length, truncation=truncation,
+                               add_bos=add_bos)[0]
+
+
+def fit_preference_pair(prompt, chosen, rejected, tokenizer: TokenizerLike, *,
+                        max_length: int, max_prompt_length: int | None = None,
+                        truncation: str = "keep_end", add_bos: bool = True,
+                        ) -> tuple[dict[str, np.ndarray], tuple[Truncation, Truncation]]:
+    """Tokenises a preference pair: `fit_prompt_completion` for each response.
 
     Both sequences start with the same (identically truncated) prompt; the
     prompt tokens are never scored, the response and its EOS are.
 
     Returns:
-        dict(chosen_tokens, chosen_loss_mask, rejected_tokens,
-        rejected_loss_mask), int32 1-D arrays of length <= max_length.
+        (dict(chosen_tokens, chosen_loss_mask, rejected_tokens,
+        rejected_loss_mask), int32 1-D arrays of length <= max_length;
+        the chosen and the rejected sequence's `Truncation`).
 
     Raises:
         PromptTooLongError: the prompt leaves no room for a response.
@@ -245,18 +257,19 @@ def tokenize_preference_pair(prompt, chosen, rejected, tokenizer: TokenizerLike,
             "chosen_equals_rejected"), or a conversation the template cannot
             split.
     """
-    out = {}
+    out, cuts = {}, []
     for name, completion in (("chosen", chosen), ("rejected", rejected)):
-        example = tokenize_prompt_completion(
+        example, cut = fit_prompt_completion(
             prompt, completion, tokenizer, max_length=max_length,
             max_prompt_length=max_prompt_length, truncation=truncation,
             add_bos=add_bos)
         out[f"{name}_tokens"] = example["tokens"]
         out[f"{name}_loss_mask"] = example["loss_mask"]
+        cuts.append(cut)
     if np.array_equal(out["chosen_tokens"], out["rejected_tokens"]):
         raise DataError(f"chosen and rejected are identical after truncation to "
                         f"max_length={max_length}", reason="chosen_equals_rejected")
-    return out
+    return out, tuple(cuts)
 
 
 @dataclasses.dataclass
@@ -279,7 +292,7 @@ class TokenizePreference:
 
     def __call__(self, item):
         index, record = item
-        example = self._tokenize(index, record)
+        example, _ = self._tokenize(index, record)
         if not self.paired:
             prompt_ids = self._kl_prompt(index)
             if prompt_ids is None:  # No valid partner: a matched pair.
@@ -291,11 +304,12 @@ class TokenizePreference:
             example.update(kl_tokens=kl_tokens, kl_loss_mask=kl_mask)
         return example
 
-    def check(self, item) -> None:
-        """Raises the DataError `__call__` would raise (the KL pair cannot fail)."""
-        self._tokenize(*item)
+    def check(self, item) -> tuple[Truncation, ...]:
+        """The row's `Truncation`s (one per sequence, the KL pair's not counted);
+        raises the DataError `__call__` would raise (the KL pair cannot fail)."""
+        return self._tokenize(*item)[1]
 
-    def _tokenize(self, index: int, record: Mapping) -> dict:
+    def _tokenize(self, index: int, record: Mapping) -> tuple[dict, tuple[Truncation, ...]]:
         origin = record.get(ORIGIN_KEY, f"records[{index}]") if isinstance(
             record, Mapping) else f"records[{index}]"
         record = validate_preference_record(record, origin, paired=self.paired,
@@ -304,12 +318,13 @@ class TokenizePreference:
                       max_prompt_length=self.max_prompt_length)
         try:
             if self.paired:
-                example = tokenize_preference_pair(
+                example, cuts = fit_preference_pair(
                     record["prompt"], record["chosen"], record["rejected"],
                     self.tokenizer, **kwargs)
             else:
-                example = tokenize_prompt_completion(
+                example, cut = fit_prompt_completion(
                     record["prompt"], record["completion"], self.tokenizer, **kwargs)
+                cuts = (cut,)
                 # The first target is the first completion token.
                 example["prompt_length"] = int(np.argmax(example["loss_mask"]))
                 example["label"] = np.float32(record["label"])
@@ -319,14 +334,14 @@ class TokenizePreference:
         if self.with_ref:
             for field in PAIRED_REF_FIELDS if self.paired else UNPAIRED_REF_FIELDS:
                 example[field] = np.float32(record[field])
-        return example
+        return example, cuts
 
     def _kl_prompt(self, index: int) -> np.ndarray | None:
         n = len(self.records)
         for step in range(1, min(n, _MAX_KL_PARTNER_TRIES + 1)):
             partner = (index + step) % n
             try:
-                example = self._tokenize(partner, self.records[partner])
+                example, _ = self._tokenize(partner, self.records[partner])
             except DataError:
                 continue  # Counted (or raised) when the dataset was built.
             return example["tokens"][:example["prompt_length"]]
@@ -345,6 +360,7 @@ def tokenizable_preference_records(
     max_length: int, max_prompt_length: int | None = None,
     truncation: str = "keep_end", on_bad_row: str = "raise",
     skip_report: SkipReport | None = None,
+    truncation_report: TruncationReport | None = None,
 ) -> list[dict]:
     """The records `make_preference_dataset` (`make_unpaired_dataset` if not
     `paired`) with these arguments would keep.
@@ -354,13 +370,16 @@ def tokenizable_preference_records(
     returned list then skips nothing. Kept records are shallow copies whose
     "_index" is renumbered to their position in the returned list (as
     `load_preference_records` numbers them), so a precompute pass can index
-    arrays of that length. Other arguments as in `make_preference_dataset`.
+    arrays of that length. What truncation cuts from the kept rows is counted
+    in `truncation_report` (a pair is cut if either response is). Other
+    arguments as in `make_preference_dataset`.
     """
     prepare = TokenizePreference(records, tokenizer, paired,
                                  has_ref_fields(records, paired), max_length,
                                  max_prompt_length, truncation)
     kept = tokenizable_indices(records, prepare.check, on_bad_row=on_bad_row,
-                               skip_report=skip_report)
+                               skip_report=skip_report,
+                               truncation_report=truncation_report)
     if len(kept) == len(records):
         return list(records)
     return [{**records[i], INDEX_KEY: j} for j, i in enumerate(kept)]

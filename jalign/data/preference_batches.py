@@ -18,8 +18,10 @@ examples, T = the row width):
                     int32 [B, T]  the mismatched pair of slot p: its completion
                                   after another record's prompt (below)
 
-Padded mode: one sequence per row, T = the smallest bucket boundary >= the
-longest sequence in the batch; paired R = 2B (row 2p chosen, row 2p + 1
+Padded mode: one sequence per row, T = the longest sequence in the batch
+rounded up to `pad_to_multiple_of` (or, with `bucket_boundaries`, the smallest
+boundary that fits it; in a multi-process run, the longest of all processes'
+batches: `jalign.data.padding`), never above max_length; paired R = 2B (row 2p chosen, row 2p + 1
 rejected), unpaired R = B (main and KL rows share T, so a step can run both in
 one forward pass).
 
@@ -47,7 +49,8 @@ from collections.abc import Mapping, Sequence
 import grain
 import numpy as np
 
-from jalign.data.pipeline import resolve_bucket_boundaries, tokenized_examples
+from jalign.data.padding import DEFAULT_PAD_TO_MULTIPLE_OF, row_widths
+from jalign.data.pipeline import padded_batches, tokenized_examples
 from jalign.data.preference import (PAIRED_REF_FIELDS, UNPAIRED_REF_FIELDS,
                                     TokenizePreference, has_ref_fields)
 from jalign.data.sft import TRUNCATION_MODES, TokenizerLike
@@ -87,13 +90,15 @@ def _slot_fields(examples: Sequence[Mapping], batch_size: int,
     return fields
 
 
-def _bucket(longest: int, boundaries: Sequence[int]) -> int:
-    return next(b for b in boundaries if b >= longest)  # max_length is last.
+def _pair_length(example: Mapping) -> int:
+    return max(len(example["chosen_tokens"]), len(example["rejected_tokens"]))
 
 
-def _pad_pairs(examples, *, batch_size, boundaries, pad_id, extra_keys) -> dict:
-    width = _bucket(max(len(ex[f"{side}_tokens"]) for ex in examples
-                        for side in ("chosen", "rejected")), boundaries)
+def _unpaired_length(example: Mapping) -> int:
+    return max(len(example["tokens"]), len(example["kl_tokens"]))
+
+
+def _pad_pairs(examples, width, *, batch_size, pad_id, extra_keys) -> dict:
     batch = _empty_rows(2 * batch_size, width, pad_id)
     for p, ex in enumerate(examples):
         for side, offset in (("chosen", 0), ("rejected", 1)):
@@ -102,9 +107,7 @@ def _pad_pairs(examples, *, batch_size, boundaries, pad_id, extra_keys) -> dict:
     return batch | _slot_fields(examples, batch_size, extra_keys)
 
 
-def _pad_unpaired(examples, *, batch_size, boundaries, pad_id, extra_keys) -> dict:
-    width = _bucket(max(len(ex[k]) for ex in examples
-                        for k in ("tokens", "kl_tokens")), boundaries)
+def _pad_unpaired(examples, width, *, batch_size, pad_id, extra_keys) -> dict:
     batch = _empty_rows(batch_size, width, pad_id) | _empty_rows(
         batch_size, width, pad_id, prefix="kl_")
     for p, ex in enumerate(examples):
@@ -189,7 +192,7 @@ class _PackedPairs(grain.IterDataset):
 
 def _make_dataset(records, tokenizer, *, paired, batch_size, max_length, seed,
                   shuffle, num_epochs, packing, packed_rows, bucket_boundaries,
-                  max_prompt_length, truncation, shard_index, shard_count,
+                  pad_to_multiple_of, max_prompt_length, truncation, shard_index, shard_count,
                   on_bad_row, skip_report, read_options) -> grain.IterDataset:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -203,23 +206,26 @@ def _make_dataset(records, tokenizer, *, paired, batch_size, max_length, seed,
     extra_keys = ref_fields if with_ref else ()
     prepare = TokenizePreference(records, tokenizer, paired, with_ref, max_length,
                                  max_prompt_length, truncation)
-    examples = tokenized_examples(records, prepare, seed=seed, shuffle=shuffle,
-                                  num_epochs=num_epochs, shard_index=shard_index,
-                                  shard_count=shard_count, on_bad_row=on_bad_row,
-                                  skip_report=skip_report, check=prepare.check,
-                                  read_options=read_options)
+    stream = dict(seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                  shard_index=shard_index, shard_count=shard_count,
+                  on_bad_row=on_bad_row, skip_report=skip_report, check=prepare.check,
+                  read_options=read_options)
     if packing:
+        examples = tokenized_examples(records, prepare, **stream)
         rows = max(batch_size, 2) if packed_rows is None else packed_rows
         if rows < 2:
             raise ValueError(f"packed_rows must be >= 2, got {rows}")
         return _PackedPairs(examples, batch_size=batch_size, rows=rows,
                             width=max_length, pad_id=tokenizer.pad_id,
                             extra_keys=extra_keys)
-    batch_fn = _pad_pairs if paired else _pad_unpaired
-    return examples.batch(batch_size, batch_fn=functools.partial(
-        batch_fn, batch_size=batch_size, pad_id=tokenizer.pad_id,
-        boundaries=resolve_bucket_boundaries(bucket_boundaries, max_length),
-        extra_keys=extra_keys))
+    stack_fn = functools.partial(_pad_pairs if paired else _pad_unpaired,
+                                 batch_size=batch_size, pad_id=tokenizer.pad_id,
+                                 extra_keys=extra_keys)
+    widths = row_widths(max_length, pad_to_multiple_of=pad_to_multiple_of,
+                        bucket_boundaries=bucket_boundaries)
+    return padded_batches(records, prepare, stack_fn,
+                          length_fn=_pair_length if paired else _unpaired_length,
+                          widths=widths, batch_size=batch_size, **stream)
 
 
 def make_preference_dataset(
@@ -227,6 +233,7 @@ def make_preference_dataset(
     max_length: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
     packing: bool = False, packed_rows: int | None = None,
     bucket_boundaries: Sequence[int] | None = None,
+    pad_to_multiple_of: int = DEFAULT_PAD_TO_MULTIPLE_OF,
     max_prompt_length: int | None = None, truncation: str = "keep_end",
     shard_index: int = 0, shard_count: int = 1, on_bad_row: str = "raise",
     skip_report: SkipReport | None = None,
@@ -248,8 +255,10 @@ def make_preference_dataset(
             batch of a finite run has filler slots (pair_mask 0).
         packing: padding-free rows (see the module docstring).
         packed_rows: rows per packed batch, R >= 2; default max(B, 2).
-        bucket_boundaries: padded-mode widths; default powers of two from 64,
-            max_length always appended.
+        bucket_boundaries: padded-mode widths (max_length always appended),
+            e.g. `default_bucket_boundaries(max_length)`; None pads to the
+            batch's longest sequence rounded up to `pad_to_multiple_of`.
+        pad_to_multiple_of: the rounding of padded widths without buckets.
         max_prompt_length, truncation: see `tokenize_prompt_completion`.
         shard_index, shard_count: this process's disjoint shard of records.
         on_bad_row: for a record that fails validation or tokenisation (a
@@ -268,8 +277,8 @@ def make_preference_dataset(
         records, tokenizer, paired=True, batch_size=batch_size,
         max_length=max_length, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
         packing=packing, packed_rows=packed_rows,
-        bucket_boundaries=bucket_boundaries, max_prompt_length=max_prompt_length,
-        truncation=truncation, shard_index=shard_index, shard_count=shard_count,
+        bucket_boundaries=bucket_boundaries, pad_to_multiple_of=pad_to_multiple_of,
+        max_prompt_length=max_prompt_length, truncation=truncation, shard_index=shard_index, shard_count=shard_count,
         on_bad_row=on_bad_row, skip_report=skip_report, read_options=read_options)
 
 
@@ -277,6 +286,7 @@ def make_unpaired_dataset(
     records: Sequence[Mapping], tokenizer: TokenizerLike, *, batch_size: int,
     max_length: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
     packing: bool = False, bucket_boundaries: Sequence[int] | None = None,
+    pad_to_multiple_of: int = DEFAULT_PAD_TO_MULTIPLE_OF,
     max_prompt_length: int | None = None, truncation: str = "keep_end",
     shard_index: int = 0, shard_count: int = 1, on_bad_row: str = "raise",
     skip_report: SkipReport | None = None,
@@ -291,6 +301,7 @@ def make_unpaired_dataset(
         records, tokenizer, paired=False, batch_size=batch_size,
         max_length=max_length, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
         packing=packing, packed_rows=None, bucket_boundaries=bucket_boundaries,
-        max_prompt_length=max_prompt_length, truncation=truncation,
+        pad_to_multiple_of=pad_to_multiple_of, max_prompt_length=max_prompt_length,
+        truncation=truncation,
         shard_index=shard_index, shard_count=shard_count, on_bad_row=on_bad_row,
         skip_report=skip_report, read_options=read_options)

@@ -8,7 +8,8 @@ prompt to the reward functions. Records come from JSONL / Parquet files
 
 `prepare_prompt_records` renders and tokenises every prompt once at start-up:
 a prompt longer than `max_prompt_length` tokens (BOS included) is raised naming
-its file and line, or counted as a skip. The dataset itself yields only the
+its file and line, or counted as a skip: prompts are never cut (a training run
+passes data.max_prompt_length, or data.max_length when that is 0). The dataset itself yields only the
 records' positions, `{"prompt_index": int32 [B]}`, shuffled per epoch and split
 across processes through grain, so its iterator is checkpointable (a resumed
 run continues with the same prompts) whatever the columns hold.
@@ -25,6 +26,7 @@ import numpy as np
 from jalign.data.pipeline import epoch_dataset, tokenizable_indices
 from jalign.data.sft import PromptTooLongError, TokenizerLike, _is_conversation
 from jalign.data.sources import ORIGIN_KEY, DataError, SkipReport
+from jalign.data.truncation import Truncation, TruncationReport
 
 # Keys `prepare_prompt_records` adds; the reward functions never see them.
 PROMPT_TEXT_KEY = "_prompt_text"
@@ -52,8 +54,14 @@ def prompt_token_ids(text: str, tokenizer: TokenizerLike) -> list[int]:
 
 
 class _PreparePrompt:
-    def __init__(self, tokenizer: TokenizerLike, max_prompt_length: int):
+    def __init__(self, tokenizer: TokenizerLike, max_prompt_length: int, limit_name: str):
         self.tokenizer, self.max_prompt_length = tokenizer, max_prompt_length
+        self.limit_name = limit_name
+
+    def check(self, item) -> Truncation:
+        """The prompt's lengths (never cut); raises the DataError `__call__` would raise."""
+        n = len(self(item)[PROMPT_IDS_KEY])
+        return Truncation(False, False, False, prompt_tokens=n, sequence_tokens=n)
 
     def __call__(self, item) -> dict:
         index, record = item
@@ -66,21 +74,28 @@ class _PreparePrompt:
         if len(ids) > self.max_prompt_length:
             raise PromptTooLongError(
                 f"{origin}: prompt is {len(ids)} tokens (with BOS), more than "
-                f"config.data.max_prompt_length={self.max_prompt_length}; raise it or skip "
+                f"{self.limit_name}={self.max_prompt_length}; raise it or skip "
                 "such rows (config.data.on_bad_row='skip')")
         return {**record, PROMPT_TEXT_KEY: text, PROMPT_IDS_KEY: tuple(ids)}
 
 
 def prepare_prompt_records(records: Sequence[Mapping], tokenizer: TokenizerLike, *,
                            max_prompt_length: int, on_bad_row: str = "raise",
-                           skip_report: SkipReport | None = None) -> list[dict]:
+                           skip_report: SkipReport | None = None,
+                           truncation_report: TruncationReport | None = None,
+                           limit_name: str = "config.data.max_prompt_length") -> list[dict]:
     """Every usable record with its rendered prompt text and token ids added.
 
     Raises (on_bad_row="raise") or counts in `skip_report` (on_bad_row="skip") the
-    records whose chat template fails or whose prompt is too long.
+    records whose chat template fails or whose prompt is too long. Kept prompts are
+    counted in `truncation_report` (rows and the longest prompt; none is cut).
+    `limit_name` is the setting errors tell the user to raise.
     """
-    prepare = _PreparePrompt(tokenizer, max_prompt_length)
-    kept = tokenizable_indices(records, prepare, on_bad_row=on_bad_row, skip_report=skip_report)
+    if max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+    prepare = _PreparePrompt(tokenizer, max_prompt_length, limit_name)
+    kept = tokenizable_indices(records, prepare.check, on_bad_row=on_bad_row,
+                               skip_report=skip_report, truncation_report=truncation_report)
     return [prepare((i, records[i])) for i in kept]
 
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from jalign.data.sources import DataError
+from jalign.data.truncation import Truncation
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
@@ -96,7 +97,23 @@ def tokenize_prompt_completion(
     truncation: str = "keep_end",
     add_bos: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Tokenises one SFT example.
+    """Tokenises one SFT example; `fit_prompt_completion` without the `Truncation`."""
+    return fit_prompt_completion(prompt, completion, tokenizer, max_length=max_length,
+                                 max_prompt_length=max_prompt_length, truncation=truncation,
+                                 add_bos=add_bos)[0]
+
+
+def fit_prompt_completion(
+    prompt: str | Sequence[Mapping[str, str]],
+    completion: str | Sequence[Mapping[str, str]],
+    tokenizer: TokenizerLike,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    truncation: str = "keep_end",
+    add_bos: bool = True,
+) -> tuple[dict[str, np.ndarray], Truncation]:
+    """Tokenises one SFT example and says what truncation cut from it.
 
     `tokens = [bos] + prompt + completion + [eos]`, `loss_mask` is 1 exactly on
     the completion tokens and the EOS. BOS is added only if `add_bos` and the
@@ -110,7 +127,8 @@ def tokenize_prompt_completion(
     template usually ends the assistant turn with it).
 
     Truncation, in order:
-      1. the prompt to `max_prompt_length` tokens (BOS not counted):
+      1. the prompt to `max_prompt_length` tokens (BOS not counted; None or 0
+         means no prompt limit):
          "keep_end" keeps its last tokens (left truncation), "keep_start" its
          first tokens;
       2. the whole sequence to `max_length` by cutting the end of the
@@ -122,12 +140,13 @@ def tokenize_prompt_completion(
         completion: text, or a list of messages (usually one assistant turn).
         tokenizer: see `TokenizerLike`.
         max_length: maximum total length, BOS and EOS included.
-        max_prompt_length: optional cap on prompt tokens.
+        max_prompt_length: optional cap on prompt tokens (None or 0: none).
         truncation: "keep_end" or "keep_start" (applies to the prompt).
         add_bos: prepend the tokenizer's BOS if it has one.
 
     Returns:
-        dict(tokens=int32[L], loss_mask=int32[L]) with L <= max_length.
+        (dict(tokens=int32[L], loss_mask=int32[L]) with L <= max_length, the
+        `Truncation`: which parts were cut and the untruncated lengths).
 
     Raises:
         PromptTooLongError: the prompt after step 1 (plus BOS) fills
@@ -140,6 +159,9 @@ def tokenize_prompt_completion(
             f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if max_prompt_length is not None and max_prompt_length < 0:
+        raise ValueError(f"max_prompt_length must be >= 0 (0: no prompt limit), got "
+                         f"{max_prompt_length}")
     if _is_conversation(prompt) != _is_conversation(completion):
         raise DataError("prompt and completion must both be strings or both be "
                         "message lists", reason="wrong_type")
@@ -154,7 +176,8 @@ def tokenize_prompt_completion(
         # The chat template wrote a BOS; `add_bos` alone decides whether one is
         # kept, so it is never doubled (nor lost to prompt truncation).
         prompt_ids = prompt_ids[1:]
-    if max_prompt_length is not None:
+    full_prompt = len(prefix) + len(prompt_ids)
+    if max_prompt_length:
         prompt_ids = _truncate(prompt_ids, max_prompt_length, truncation)
     n_context = len(prefix) + len(prompt_ids)
     if n_context >= max_length:
@@ -167,11 +190,19 @@ def tokenize_prompt_completion(
         # A chat template usually ends the assistant turn itself.
         completion_ids.append(tokenizer.eos_id)
 
-    tokens = np.asarray(prefix + prompt_ids + completion_ids,
-                        dtype=np.int32)[:max_length]
+    sequence = prefix + prompt_ids + completion_ids
+    tokens = np.asarray(sequence, dtype=np.int32)[:max_length]
+    # The completion always holds an EOS (appended above); the last one ends the turn.
+    end_of_turn = len(sequence) - 1 - completion_ids[::-1].index(tokenizer.eos_id)
+    cuts = Truncation(
+        prompt_truncated=len(prefix) + len(prompt_ids) < full_prompt,
+        completion_truncated=len(sequence) > max_length,
+        end_of_turn_lost=end_of_turn >= max_length,
+        prompt_tokens=full_prompt,
+        sequence_tokens=full_prompt + len(completion_ids))
     loss_mask = np.zeros_like(tokens)
     loss_mask[n_context:] = 1
     # Nothing precedes the first token, so it can never be a target (matters
     # only for an empty prompt without BOS).
     loss_mask[0] = 0
-    return {"tokens": tokens, "loss_mask": loss_mask}
+    return {"tokens": tokens, "loss_mask": loss_mask}, cuts
