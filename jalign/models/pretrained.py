@@ -30,10 +30,15 @@ from jalign.models import hf
 from jalign.models.config import ModelConfig
 from jalign.models.hf_config import config_from_hf
 
-# ModelConfig fields that are training choices rather than properties of the weights.
-TRAINING_OPTIONS = ("dtype", "param_dtype", "remat", "max_position_embeddings",
-                    "projection_backward", "attention_impl")
-# Architecture fields that may legitimately be None (the rest are required numbers).
+# ModelConfig fields fixed by the weights: shapes, norms, rope, the attention pattern.
+# Every other field (dtypes, remat, LoRA, kernels and block sizes) is a training choice.
+_ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "intermediate_size", "rope_theta", "rope_scaling", "rms_norm_eps",
+                 "tie_embeddings", "family", "qkv_bias", "qk_norm", "norm_unit_offset",
+                 "sandwich_norms", "mlp_activation", "scale_embeddings", "query_pre_attn_scalar",
+                 "attn_logit_softcap", "final_logit_softcap", "sliding_window", "layer_types",
+                 "rope_local_theta")
+# Architecture fields that may legitimately be None (the rest are required).
 _OPTIONAL_ARCHITECTURE = ("head_dim", "rope_scaling", "query_pre_attn_scalar",
                           "attn_logit_softcap", "final_logit_softcap", "sliding_window",
                           "layer_types", "rope_local_theta")
@@ -41,13 +46,10 @@ MODEL_CONFIG_FILE = "model_config.json"
 
 
 def architecture_fields(*, required: bool = False) -> tuple[str, ...]:
-    """ModelConfig fields fixed by the weights (shapes, norms, rope, attention pattern).
-
-    `required`: only those that cannot be None in a complete config.
-    """
-    names = tuple(f.name for f in dataclasses.fields(ModelConfig)
-                  if f.name not in TRAINING_OPTIONS and not f.name.startswith("lora_"))
-    return tuple(n for n in names if n not in _OPTIONAL_ARCHITECTURE) if required else names
+    """ModelConfig fields fixed by the weights. `required`: only those that cannot be
+    None in a complete config."""
+    return tuple(n for n in _ARCHITECTURE if n not in _OPTIONAL_ARCHITECTURE) if required \
+        else _ARCHITECTURE
 
 
 def nullable_fields() -> tuple[str, ...]:
@@ -164,8 +166,8 @@ def resolve_model(model: Mapping[str, Any], source: Pretrained | None) -> dict[s
             values["dtype"] = checkpoint_values["dtype"]
     missing = [k for k in architecture_fields(required=True) + ("dtype",) if values.get(k) is None]
     if missing:
-        where = (f"{source.path} states no architecture (no {MODEL_CONFIG_FILE} beside it)"
-                 if source is not None else "config.init_from is empty")
+        where = ("config.init_from is empty" if source is None else
+                 f"{source.path} states no architecture (no {MODEL_CONFIG_FILE} beside it)")
         raise ValueError(
             f"config.model.{missing[0]} is not set and {where}: this config takes the model "
             "from config.init_from; give --config.init_from=DIR (a Hugging Face folder, a "
