@@ -145,6 +145,8 @@ class SharedWidth:
     lengths: dict = dataclasses.field(default_factory=dict)
 
     def _length(self, index: int) -> int:
+        # Past the first epoch grain numbers elements on (len(records) + i for record i).
+        index %= len(self.records)
         if index not in self.lengths:
             self.lengths[index] = self.length_fn(self.tokenize((index, self.records[index])))
         return self.lengths[index]

@@ -99,9 +99,11 @@ def test_padded_width_is_the_smallest_fitting_bucket(tokenizer):
     assert widths == {16, 32}  # the lengths here run from 8 to 18 tokens
 
 
-def test_default_buckets_end_at_max_length(tokenizer):
+def test_default_width_is_the_longest_rounded_to_64_within_max_length(tokenizer):
     batch = next(iter(make(tokenizer, bucket_boundaries=None, max_length=100)))
-    assert batch["tokens"].shape[1] == 64
+    assert batch["tokens"].shape[1] == 64  # rows of 8 to 18 tokens
+    batch = next(iter(make(tokenizer, bucket_boundaries=None, max_length=20)))
+    assert batch["tokens"].shape[1] == 20
 
 
 def test_packed_rows_respect_max_length_and_restart_positions(tokenizer):
