@@ -21,8 +21,9 @@ Implementations:
   "cudnn"    `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash
              attention (GPU; bf16/fp16; no soft-capping; packed segments as a
              dense boolean mask).
-  "auto"     splash on TPU, cudnn on GPU when it can express the config (else
-             chunked), chunked on CPU; `resolve_impl` logs what it picked.
+  "auto"     splash on TPU; cudnn on GPU when it can express the config, else
+             chunked; on CPU xla below AUTO_CHUNKED_MIN_TOKENS (1024) tokens and
+             chunked from there. `resolve_impl` logs what it picked.
 """
 
 from __future__ import annotations
@@ -94,8 +95,16 @@ class Segments(NamedTuple):
 _logged: set = set()
 
 
-def resolve_impl(config: ModelConfig, backend: str | None = None) -> str:
-    """`config.attention_impl` with "auto" made concrete for `backend` (default: JAX's)."""
+# On CPU, "auto" keeps the dense path below this many tokens: there the [T, T]
+# scores are small (4 MiB per head at 1024) and one fused softmax beats the
+# blocked loops; from here on the scores dominate a step's memory.
+AUTO_CHUNKED_MIN_TOKENS = 1024
+
+
+def resolve_impl(config: ModelConfig, seq_len: int | None = None,
+                 backend: str | None = None) -> str:
+    """`config.attention_impl` with "auto" made concrete for `backend` (default: JAX's)
+    and a sequence of `seq_len` tokens (None: long). Logs each new choice once."""
     impl = config.attention_impl
     if impl != "auto":
         return impl
@@ -105,11 +114,15 @@ def resolve_impl(config: ModelConfig, backend: str | None = None) -> str:
     elif backend in ("gpu", "cuda") and not attention_impl_errors(
             dataclasses.replace(config, attention_impl="cudnn")):
         chosen = "cudnn"
+    elif backend == "cpu" and seq_len is not None and seq_len < AUTO_CHUNKED_MIN_TOKENS:
+        chosen = "xla"
     else:
         chosen = "chunked"
-    if (backend, chosen) not in _logged:
-        _logged.add((backend, chosen))
-        _log.info("model.attention_impl=auto resolved to %r on %s", chosen, backend)
+    key = (backend, chosen)
+    if key not in _logged:
+        _logged.add(key)
+        _log.info("model.attention_impl=auto resolved to %r on %s%s", chosen, backend,
+                  f" (T={seq_len})" if backend == "cpu" else "")
     return chosen
 
 
@@ -364,17 +377,18 @@ def splash_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, slidin
 
     static_sliding = sliding if isinstance(sliding, bool) else None
     mesh = jax.sharding.get_abstract_mesh()
-    batch_axes = ()
-    if not mesh.empty:
-        usable = {a: s for a, s in mesh.shape.items() if s > 1 and a not in set(mesh.manual_axes)}
+    if not mesh.empty and set(mesh.manual_axes) != set(mesh.axis_names):
+        # Mosaic kernels are not partitioned by XLA: in shard_map each device runs its
+        # batch rows ("data", "fsdp") and key/value heads ("tensor") when they divide.
+        usable = {a: n for a, n in mesh.shape.items() if n > 1 and a not in set(mesh.manual_axes)}
         batch_axes = tuple(a for a in ("data", "fsdp") if a in usable)
         if b % math.prod(usable[a] for a in batch_axes):
             batch_axes = ()
-    if batch_axes:
-        # Mosaic kernels are not partitioned by XLA: each device runs its batch rows.
-        spec, rep = jax.sharding.PartitionSpec(batch_axes), jax.sharding.PartitionSpec()
-        run = jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 4 + (rep,), out_specs=spec,
-                            axis_names=set(batch_axes), check_vma=False)
+        head_axis = "tensor" if "tensor" in usable and nkv % usable["tensor"] == 0 else None
+        P = jax.sharding.PartitionSpec
+        rows = batch_axes or None
+        run = jax.shard_map(run, in_specs=(P(rows, head_axis),) * 3 + (P(rows), P()),
+                            out_specs=P(rows, head_axis), check_vma=False)
     out = run(q, k, v, seg, jnp.asarray(sliding, bool))
     return out.reshape(b, nq, tp, d).transpose(0, 2, 1, 3)[:, :t]
 
@@ -403,7 +417,11 @@ def cudnn_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, sliding
 def attend(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segments: Segments, config: ModelConfig, *,
            impl: str | None = None, block_sizes: BlockSizes | None = None):
     """Causal self-attention of one layer with the config's scale, soft-cap and window."""
-    impl = impl or resolve_impl(config)
+    impl = impl or resolve_impl(config, q_BxTxNxD.shape[1])
+    if block_sizes is None and (config.attention_block_q or config.attention_block_kv):
+        default = BlockSizes.get_default(impl)
+        block_sizes = BlockSizes(config.attention_block_q or default.block_q,
+                                 config.attention_block_kv or default.block_kv)
     if impl not in ATTENTION_IMPLS or impl == "auto":
         raise ValueError(f"attention impl {impl!r}; valid: {ATTENTION_IMPLS}")
     scale_divisor = math.sqrt(config.query_pre_attn_scalar or config.head_size)

@@ -38,6 +38,10 @@ def attention_impl_errors(config: "ModelConfig") -> list[str]:
     if impl not in ATTENTION_IMPLS:
         return [f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}"]
     errors = []
+    for name in ("attention_block_q", "attention_block_kv"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            errors.append(f"model.{name} must be None or a positive int, got {value!r}")
     if impl == "cudnn":
         if config.attn_logit_softcap is not None:
             errors.append("model.attention_impl='cudnn' cannot express attention logit "
@@ -94,10 +98,11 @@ class ModelConfig:
 
     `attention_impl`: how training and scoring attend (cached decoding always uses
     "xla"): "auto" (splash on TPU, cudnn on GPU when it can express the model, else
-    chunked; chunked on CPU), "xla" (dense float32 scores, the reference), "chunked"
+    chunked; on CPU xla below 1024 tokens, chunked from there), "xla" (dense float32 scores, the reference), "chunked"
     (blocked, O(T x block) memory, any backend), "splash" (Pallas TPU kernels) or
     "cudnn" (GPU). See `jalign.models.attention`; an option that cannot express a
-    feature of the model is refused here, by name.
+    feature of the model is refused here, by name. `attention_block_q` /
+    `attention_block_kv` set the chunked and splash tiles (None: their defaults).
 
     `projection_backward`: "autodiff" (default, every backend) or "cpu_transposed",
     a weight-gradient layout that is faster on XLA:CPU; the gradients are the same
@@ -141,6 +146,8 @@ class ModelConfig:
     lora_quantization_block: int = 64
     projection_backward: str = "autodiff"
     attention_impl: str = "auto"
+    attention_block_q: int | None = None
+    attention_block_kv: int | None = None
 
     def __post_init__(self):
         if self.layer_types is not None and not isinstance(self.layer_types, tuple):

@@ -276,7 +276,7 @@ class Decoder(nn.Module):
 
         rope_full = rope(False)
         rope_local = rope(True) if c.rope_local_theta is not None else rope_full
-        if cache is None and attention.resolve_impl(c) != "xla":
+        if cache is None and attention.resolve_impl(c, t) != "xla":
             # The kernels build causal / segment / window masks from the ids: no [T, T] mask.
             segments = attention.Segments(segment_ids_BxT)
             masks = (segments, segments)
@@ -290,7 +290,7 @@ class Decoder(nn.Module):
             q_slot = cache_index + jnp.arange(t)
             k_slot = jnp.arange(valid.shape[1])
             same_segment = jnp.broadcast_to(valid[:, None, :] > 0, (b, t, valid.shape[1]))
-        if cache is not None or attention.resolve_impl(c) == "xla":
+        if cache is not None or attention.resolve_impl(c, t) == "xla":
             causal = k_slot[None, :] <= q_slot[:, None]
             mask = (causal[None] & same_segment)[:, None, None]
             mask_sliding = mask
