@@ -1,4 +1,5 @@
-"""Orbax checkpoints holding the train state and the grain iterator position."""
+"""Orbax checkpoints holding the train state, the grain iterator position and the
+loop's counters (cumulative num_tokens, skipped steps: exact Python ints, as JSON)."""
 
 from __future__ import annotations
 
@@ -18,16 +19,27 @@ class CheckpointMismatchError(ValueError):
 def make_manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                "counters": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator=None, *,
-         force: bool = False) -> None:
+         counters: dict[str, int] | None = None, force: bool = False) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if counters is not None:
+        items["counters"] = ocp.args.JsonSave(dict(counters))
     manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore_counters(manager: ocp.CheckpointManager, step: int) -> dict[str, int]:
+    """The counters saved with `step` ({} for a checkpoint written without them)."""
+    if "counters" not in manager.item_metadata(step).keys():
+        return {}
+    return dict(manager.restore(step, args=ocp.args.Composite(
+        counters=ocp.args.JsonRestore()))["counters"])
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_state: Any, where: str):

@@ -35,6 +35,7 @@ from jalign.models import pretrained
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import decoder_init_fn
 from jalign.optim import make_optimizer
+from jalign.steps.common import input_token_count
 from jalign.state import (TrainState, abstract_with_shardings, checkpointed, init_train_state,
                           is_lora, model_view, with_base)
 
@@ -59,6 +60,20 @@ def skip_nonfinite(step_fn):
     return guarded
 
 
+# The batch's input tokens (a per-step metric the reporter turns into TRL's cumulative
+# num_tokens; not logged itself).
+_STEP_TOKENS = "num_tokens/step"
+
+
+def count_input_tokens(step_fn):
+    """Wraps a step so that its metrics carry the batch's input tokens (non-padding tokens
+    of every row the model reads, over the global batch: `input_token_count`)."""
+    def counted(state, batch):
+        state, metrics = step_fn(state, batch)
+        return state, dict(metrics, **{_STEP_TOKENS: input_token_count(batch)})
+    return counted
+
+
 @dataclasses.dataclass
 class _Run:
     """What one run is made of, built once before the first step."""
@@ -74,6 +89,8 @@ class _Run:
     state_shardings: Any
     p_step: Any
     batch_sharding: Any
+    # The loop's counters at the first step (restored with the checkpoint).
+    counters: dict = dataclasses.field(default_factory=dict)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -134,7 +151,7 @@ def _build(config, workdir: str) -> _Run:
         seed=config.seed, load_params=setup.load_params, with_reference=setup.with_reference,
         frozen_extra=setup.frozen_extra, model_cfg=model_cfg)
     batch_sharding = shd.data_sharding(mesh, rules)
-    step_fn = skip_nonfinite(algo.make_step(config, model_cfg, spec, optimizer))
+    step_fn = count_input_tokens(skip_nonfinite(algo.make_step(config, model_cfg, spec, optimizer)))
     p_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
     return _Run(config, workdir, algo, model_cfg, setup, schedule, mesh, rules, state,
@@ -178,6 +195,7 @@ def _restore(r: _Run, manager, data_iter, writer) -> tuple[TrainState, int]:
         return r.state, 0
     abstract = abstract_with_shardings(checkpointed(r.state), checkpointed(r.state_shardings))
     start_step, restored = ckpt.restore(manager, abstract, data_iter)
+    r.counters = ckpt.restore_counters(manager, start_step)
     writer.truncate_after(start_step)
     if _is_main():
         print(f"Resumed from {r.workdir} at step {start_step}.")
@@ -191,7 +209,7 @@ def _train(r: _Run, data_iter, manager, writer, evaluate, evals, start_step: int
     num_steps = train_cfg.num_steps
     progress = ProgressBar(num_steps, start_step, enabled=_is_main())
     reporter = _Reporter(writer, progress, train_cfg, r.schedule, start_step,
-                         int(jax.device_get(r.state.step)))
+                         int(jax.device_get(r.state.step)), r.counters)
     preempted: list[bool] = []
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = (signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
@@ -223,7 +241,8 @@ def _train(r: _Run, data_iter, manager, writer, evaluate, evals, start_step: int
             if done % train_cfg.checkpoint_every == 0 or done == num_steps or preempted:
                 # A checkpoint at step N means the metrics of steps <= N are on disk.
                 reporter.flush()
-                ckpt.save(manager, done, checkpointed(state), data_iter, force=bool(preempted))
+                ckpt.save(manager, done, checkpointed(state), data_iter,
+                          counters=reporter.counters(), force=bool(preempted))
             if preempted:
                 manager.wait_until_finished()
                 progress.close()
@@ -304,20 +323,32 @@ class SkipGuard:
 
 class _Reporter:
     """Fetches each step's metrics one step late (no stall), adds the learning rate from
-    the schedule and tokens/s, watches for non-finite steps and writes the log.
+    the schedule, TRL's cumulative num_tokens and tokens/s, watches for non-finite steps
+    and writes the log.
 
     The learning rate is the schedule at the state's update count (`state.step`
     before the step), which skipped steps do not advance: it is tracked here from
     the count at the start and the skips seen since, with no device round trip.
+    `num_tokens` (input tokens seen so far) and `skipped_nonfinite_total` are exact
+    Python ints saved with each checkpoint (`counters()`), so a resumed run logs what
+    an uninterrupted one does.
     """
 
     def __init__(self, writer, progress, train_cfg, schedule, start_step: int,
-                 start_state_step: int):
+                 start_state_step: int, counters: dict | None = None):
         self.writer, self.progress, self.train_cfg, self.schedule = writer, progress, train_cfg, schedule
         self.state_step_offset = start_state_step - start_step
         self.guard = SkipGuard(train_cfg.max_consecutive_skips)
+        counters = counters or {}
+        self.num_tokens = int(counters.get("num_tokens", 0))
+        self.skips_before = int(counters.get("skipped_nonfinite_total", 0))
         self.pending = None
-        self.tokens_since, self.time_since = 0.0, time.perf_counter()
+        self.tokens_since, self.time_since = 0, time.perf_counter()
+
+    def counters(self) -> dict[str, int]:
+        """What a checkpoint saves for the steps reported so far."""
+        return {"num_tokens": self.num_tokens,
+                "skipped_nonfinite_total": self.skips_before + self.guard.total}
 
     def add(self, step: int, metrics, info: str) -> None:
         """`metrics` of 0-based `step` (device values); reports the previous step's."""
@@ -330,18 +361,22 @@ class _Reporter:
         step, metrics, info = self.pending
         self.pending = None
         done = step + 1
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = jax.device_get(metrics)
+        step_tokens = int(metrics.pop(_STEP_TOKENS, 0))
+        metrics = {k: float(v) for k, v in metrics.items()}
         state_step = step + self.state_step_offset - self.guard.total  # skips before this step
         metrics["learning_rate"] = float(self.schedule(state_step))
         loss = metrics.get("loss")
         self.guard.observe(done, metrics.get("skipped_nonfinite", 0.0) > 0, loss, info,
                            self.progress)
-        metrics["skipped_nonfinite_total"] = float(self.guard.total)
-        self.tokens_since += metrics.get("num_tokens", 0.0)
+        metrics["skipped_nonfinite_total"] = float(self.skips_before + self.guard.total)
+        self.num_tokens += step_tokens
+        self.tokens_since += step_tokens
+        metrics["num_tokens"] = float(self.num_tokens)
         self.progress.update(done, loss)
         if done % self.train_cfg.log_every == 0 or done == self.train_cfg.num_steps:
             elapsed = time.perf_counter() - self.time_since
             metrics["tokens_per_second"] = self.tokens_since / max(elapsed, 1e-9)
             self.writer.write(done, metrics)
             self.progress.set_rate(metrics["tokens_per_second"])
-            self.tokens_since, self.time_since = 0.0, time.perf_counter()
+            self.tokens_since, self.time_since = 0, time.perf_counter()

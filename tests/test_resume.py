@@ -70,6 +70,9 @@ def test_stopped_and_restarted_run_equals_the_uninterrupted_one(kind, tmp_path, 
         for key in ("loss", "grad_norm"):
             np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-6,
                                        err_msg=f"step {step} {key}")
+    # TRL's num_tokens: input tokens seen since the start, carried across the restart.
+    assert [got[s]["num_tokens"] for s in got] == [want[s]["num_tokens"] for s in got]
+    assert 0 < got[1]["num_tokens"] < got[2]["num_tokens"] < got[3]["num_tokens"]
     import jax
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  _final(split), _final(full))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jalign.ops._chunked import token_logprobs_chunked
 from jalign.ops._pallas_gpu import token_logprobs_pallas_gpu
 from jalign.ops._pallas_tpu import token_logprobs_pallas_tpu
-from jalign.ops._reference import token_logprobs_xla
+from jalign.ops._reference import project_logits, token_logprobs_xla
 
 IMPLS = ("auto", "xla", "chunked", "pallas_tpu", "pallas_gpu")
 _KERNELS = {"chunked": token_logprobs_chunked, "pallas_tpu": token_logprobs_pallas_tpu,
@@ -73,11 +73,13 @@ class TokenLogprobs(NamedTuple):
     lse:       log-sum-exp of the (tempered, soft-capped) logits, float32 [...].
     entropy:   -sum_v p_v log p_v, float32 [...]; differentiable.
     max_logit: max_v of the (tempered, soft-capped) logits, float32 [...]; no gradient.
+    mean_logit: mean_v of the (tempered) logits, float32 [...]; no gradient.
     """
     logps: jax.Array
     lse: jax.Array | None
     entropy: jax.Array | None
     max_logit: jax.Array | None = None
+    mean_logit: jax.Array | None = None
 
 
 def _resolve_impl(impl: str) -> str:
@@ -91,7 +93,7 @@ def _resolve_impl(impl: str) -> str:
 def token_logprobs(hidden_NxH, unembed_HxV, targets_N, *, temperature: float = 1.0,
                    logit_softcap: float | None = None, return_lse: bool = False,
                    return_entropy: bool = False, return_max_logit: bool = False,
-                   impl: str = "auto",
+                   return_mean_logit: bool = False, impl: str = "auto",
                    block_tokens: int | None = None, block_vocab: int | None = None):
     """Log-probabilities of `targets` under softmax(softcap((hidden @ unembed) / T)).
 
@@ -108,15 +110,19 @@ def token_logprobs(hidden_NxH, unembed_HxV, targets_N, *, temperature: float = 1
       return_max_logit: also return the per-token maximum (tempered, soft-capped)
         logit, without gradient. `logps == max_logit - lse` exactly when the
         target is the arg-max token (token accuracy without building logits).
+      return_mean_logit: also return the per-token mean over the vocabulary of the
+        logits, without gradient. The mean is linear in the logits, so it is
+        `hidden @ mean_v(unembed[:, v]) / T`: exact, one [H] vector, no [N, V]
+        work. A soft-cap is not linear, so with `logit_softcap` this raises.
       impl: "auto", "xla", "chunked", "pallas_tpu" or "pallas_gpu" (see module
         docstring).
       block_tokens, block_vocab: tile sizes for "chunked" and the Pallas kernels
         (default: `BlockSizes.get_default(impl=...)`).
 
     Returns:
-      float32 log-probs with the leading shape of `targets_N` when neither
-      `return_lse` nor `return_entropy` is set; otherwise a `TokenLogprobs`
-      (logps, lse, entropy) with None for the fields not asked for.
+      float32 log-probs with the leading shape of `targets_N` when no `return_*`
+      flag is set; otherwise a `TokenLogprobs` with None for the fields not
+      asked for.
       Gradients flow to `hidden_NxH` and `unembed_HxV` in their own dtypes.
     """
     impl = _resolve_impl(impl)
@@ -144,6 +150,9 @@ def token_logprobs(hidden_NxH, unembed_HxV, targets_N, *, temperature: float = 1
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if logit_softcap is not None and not logit_softcap > 0:
         raise ValueError(f"logit_softcap must be None or > 0, got {logit_softcap}")
+    if return_mean_logit and logit_softcap is not None:
+        raise ValueError("return_mean_logit needs logit_softcap=None: the mean of soft-capped "
+                         "logits is not a function of the mean logit")
 
     lead_shape = targets_N.shape
     hidden_size, vocab = unembed_HxV.shape
@@ -169,11 +178,18 @@ def token_logprobs(hidden_NxH, unembed_HxV, targets_N, *, temperature: float = 1
             block_vocab=blocks.block_vocab)
 
     logps = logps_N.reshape(lead_shape)
-    if not (return_lse or return_entropy or return_max_logit):
+    if not (return_lse or return_entropy or return_max_logit or return_mean_logit):
         return logps
+    mean_logit = None
+    if return_mean_logit:
+        h_NxH, w_HxV = jax.lax.stop_gradient((h_NxH, w_HxV))
+        mean_w_Hx1 = jnp.mean(w_HxV.astype(jnp.float32), axis=1, keepdims=True)
+        mean_logit = (project_logits(h_NxH.astype(jnp.float32), mean_w_Hx1)[:, 0]
+                      / temperature).reshape(lead_shape)
     return TokenLogprobs(
         logps=logps,
         lse=lse_N.reshape(lead_shape) if return_lse else None,
         entropy=entropy_N.reshape(lead_shape) if return_entropy else None,
         max_logit=(jax.lax.stop_gradient(max_N).reshape(lead_shape)
-                   if return_max_logit else None))
+                   if return_max_logit else None),
+        mean_logit=mean_logit)

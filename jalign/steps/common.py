@@ -15,7 +15,9 @@ additive statistics, `sum_loss_fn(params, batch) -> (loss_sum, sums)`, and names
 its normaliser, `count_fn(batch)` (tokens for SFT, real pairs for DPO, 1 for a
 loss that is already a mean). `gradient_update` divides by the count and takes the
 gradient over one or several microbatches (sums add up, so k microbatches give the
-big batch's result) and applies the optimizer.
+big batch's result) and applies the optimizer. A statistic with its own
+denominator (a mean over tokens in a per-pair step) is given as a
+`(numerator, denominator)` pair of sums.
 """
 
 from __future__ import annotations
@@ -31,10 +33,6 @@ from jalign.models.transformer import Decoder, unembedding
 from jalign.ops import token_logprobs
 from jalign.state import TrainState
 
-# Statistics that are totals, not means: never divided by the count.
-ADDITIVE_METRICS = ("num_tokens",)
-
-
 def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.Array], *,
                      logprob_impl: str = "auto", with_stats: bool = False,
                      dropout_rng: jax.Array | None = None):
@@ -42,8 +40,11 @@ def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.A
 
     Position t of the result scores token t+1 given tokens <= t. The mask is
     `loss_mask[:, 1:]`, so prompt tokens and segment starts are never scored.
-    With `with_stats`, also returns the entropy and whether the target was the
-    arg-max token (for the mean_token_accuracy metric), without building logits.
+    With `with_stats`, also returns the entropy, whether the target was the arg-max
+    token (for the mean_token_accuracy metric) and the mean over the vocabulary of
+    the logits (TRL's logits/chosen; None for a soft-capped model, see
+    `token_logprobs`), without building logits. The entropy is differentiable (PPO's
+    entropy bonus); the others carry no gradient.
     `dropout_rng` switches on LoRA dropout (training forward passes only).
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None and config.lora_dropout else {}
@@ -57,19 +58,24 @@ def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.A
                               logit_softcap=config.final_logit_softcap, impl=logprob_impl), mask_BxT
     out = token_logprobs(hidden_BxTxH[:, :-1], unembedding(params, config), targets_BxT,
                          return_entropy=True, return_max_logit=True, return_lse=True,
+                         return_mean_logit=config.final_logit_softcap is None,
                          logit_softcap=config.final_logit_softcap, impl=logprob_impl)
     # The target is the arg-max exactly when its logit equals the maximum logit,
     # i.e. log p(target) == max_logit - lse (up to float rounding).
     is_argmax_BxT = out.logps >= (out.max_logit - out.lse) - 1e-5
-    return out.logps, mask_BxT, {"entropy": out.entropy, "is_argmax": is_argmax_BxT}
+    stats = {"entropy": out.entropy, "is_argmax": is_argmax_BxT}
+    if out.mean_logit is not None:
+        stats["mean_logit"] = out.mean_logit
+    return out.logps, mask_BxT, stats
 
 
 def decoder_logprob_fn(config: ModelConfig, *, logprob_impl: str = "auto",
                        with_stats: bool = False) -> Callable:
     """jalign's decoder as a log-prob function `(params, batch, rng=None) -> logps [B, T-1]`.
 
-    With `with_stats` it returns a dict {"logps", "entropy", "is_argmax"} instead (the
-    SFT step reads the extra per-token statistics for its metrics when present).
+    With `with_stats` it returns a dict {"logps", "entropy", "is_argmax", "mean_logit"}
+    instead (the SFT and DPO steps read the extra per-token statistics for their
+    metrics when present; "mean_logit" is absent for a soft-capped model).
     """
     def fn(params, batch, rng=None):
         out = shifted_logprobs(params, config, batch, logprob_impl=logprob_impl,
@@ -85,6 +91,17 @@ def split_logprob_output(out) -> tuple[jax.Array, dict[str, jax.Array]]:
     if isinstance(out, Mapping):
         return out["logps"], {k: v for k, v in out.items() if k != "logps"}
     return out, {}
+
+
+def input_token_count(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Non-padding tokens of every row the model reads (prompt and completion; a KTO
+    batch's "kl_" rows too): the positions of every `*segment_ids` array that are > 0,
+    or every token when the batch has no segment ids. int32 scalar (TRL's num_tokens
+    counts these, cumulatively)."""
+    segments = [v for k, v in batch.items() if k.endswith("segment_ids")]
+    if not segments:
+        return jnp.asarray(batch["tokens"].size, jnp.int32)
+    return sum((s > 0).sum(dtype=jnp.int32) for s in segments)
 
 
 def completion_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -136,8 +153,8 @@ def gradient_update(optimizer: optax.GradientTransformation, state: TrainState,
     before differentiating, so one batch and k microbatches are the same sum. Returns
     the state with new params and optimizer state (its `step` unchanged: a train step
     may take several updates) and the metrics: `loss` = loss_sum / count, every entry
-    of `sums` divided by the count except the totals in `ADDITIVE_METRICS`, and
-    `grad_norm` (before clipping).
+    of `sums` divided by the count (a `(numerator, denominator)` pair: numerator /
+    denominator, 0 when the denominator is 0) and `grad_norm` (before clipping).
     """
     count = jnp.maximum(jnp.asarray(count_fn(batch), jnp.float32), 1.0)
 
@@ -148,7 +165,8 @@ def gradient_update(optimizer: optax.GradientTransformation, state: TrainState,
     (loss, sums), grads = accumulate_gradients(mean_loss, state.params, batch,
                                                num_microbatches, split)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    metrics = {k: v if k in ADDITIVE_METRICS else v / count for k, v in sums.items()}
+    metrics = {k: v[0] / jnp.maximum(v[1], 1e-30) if isinstance(v, tuple) else v / count
+               for k, v in sums.items()}
     metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
     return state.replace(params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state), metrics

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jalign.lora import ADAPTER_SUFFIXES
 from jalign.models.config import ModelConfig
 from jalign.models.heads import sequence_scores
 from jalign.state import TrainState, model_params, reference_params
@@ -33,17 +34,12 @@ def sequence_sums(values_RxT, mask_RxT, sequence_index_RxT, num_sequences: int):
     return out[:num_sequences]
 
 
-def sequence_logp_sums(logprob_fn: Callable, params, batch: Mapping[str, jax.Array],
-                       num_sequences: int, *, prefix: str = "", rng: jax.Array | None = None,
-                       with_prompt: bool = False):
-    """Summed completion log-probs and completion lengths per sequence ([S], [S]).
+def _rows(batch: Mapping[str, jax.Array], prefix: str) -> Mapping[str, jax.Array]:
+    """The rows `prefix + key` of the batch under their plain names (KTO's "kl_" rows)."""
+    return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)} if prefix else batch
 
-    `prefix` reads the rows `prefix + key` of the batch (KTO's "kl_" rows). With
-    `with_prompt`, also the sums and counts over every scored token of the sequence,
-    prompt included (its first token has no prediction): ([S], [S], [S], [S]).
-    """
-    view = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)} if prefix else batch
-    logps_RxT = split_logprob_output(logprob_fn(params, view, rng))[0]
+
+def _logp_sums(logps_RxT, view: Mapping[str, jax.Array], num_sequences: int, with_prompt: bool):
     seq_RxT = view["sequence_index"][:, 1:]
     masks = [completion_mask(view)]
     if with_prompt:
@@ -55,11 +51,80 @@ def sequence_logp_sums(logprob_fn: Callable, params, batch: Mapping[str, jax.Arr
     return tuple(out)
 
 
-def _pair_sums(losses_B, metrics, pair_mask_B, num_tokens):
+def sequence_logp_sums(logprob_fn: Callable, params, batch: Mapping[str, jax.Array],
+                       num_sequences: int, *, prefix: str = "", rng: jax.Array | None = None,
+                       with_prompt: bool = False):
+    """Summed completion log-probs and completion lengths per sequence ([S], [S]).
+
+    `prefix` reads the rows `prefix + key` of the batch (KTO's "kl_" rows). With
+    `with_prompt`, also the sums and counts over every scored token of the sequence,
+    prompt included (its first token has no prediction): ([S], [S], [S], [S]).
+    """
+    view = _rows(batch, prefix)
+    logps_RxT = split_logprob_output(logprob_fn(params, view, rng))[0]
+    return _logp_sums(logps_RxT, view, num_sequences, with_prompt)
+
+
+def policy_is_reference(state: TrainState) -> jax.Array:
+    """Whether the policy computes exactly the reference's function (bool scalar).
+
+    True when `state.params` equal `state.frozen["reference"]` leaf by leaf (step 1,
+    or right after a TR-DPO sync with mixup 1), or, with LoRA, when every adapter's B
+    is zero (the adapters add exact zeros to the base, which is the reference). A
+    compare over the parameters, no forward pass: the steps then use the policy's own
+    log-probs as the reference's, so the implicit rewards are exactly 0. Two compiled
+    forwards of the same function differ in the last bits (XLA fuses the
+    differentiated one differently: ~1e-6 in float32), which would show as rewards of
+    +-1e-6 and a random rewards/accuracies at step 1.
+    """
+    frozen = state.frozen or {}
+    if "reference" in frozen:
+        policy, reference = state.params, frozen["reference"]
+        if jax.tree.structure(policy) != jax.tree.structure(reference):
+            return jnp.asarray(False)
+        pairs = list(zip(jax.tree.leaves(policy), jax.tree.leaves(reference)))
+        if any(p.shape != r.shape for p, r in pairs):
+            return jnp.asarray(False)
+        return jnp.stack([jnp.array_equal(p, r) for p, r in pairs]).all()
+    if "base" in frozen:
+        leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+        names = [str(getattr(path[-1], "key", path[-1])) for path, _ in leaves]
+        if not leaves or not all(n.endswith(ADAPTER_SUFFIXES) for n in names):
+            return jnp.asarray(False)
+        return jnp.stack([(leaf == 0).all() for (_, leaf), n in zip(leaves, names)
+                          if n.endswith("_lora_b")]).all()
+    return jnp.asarray(False)
+
+
+def _pair_token_stats(stats: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict:
+    """TRL's token-level DPO statistics of the policy, as (sum, count) pairs over the
+    completion tokens of real pairs: entropy (chosen and rejected), mean_token_accuracy
+    (chosen), logits/chosen and logits/rejected (the mean over the vocabulary)."""
+    seq_RxT = batch["sequence_index"][:, 1:]
+    real_RxT = ((completion_mask(batch) > 0) & (seq_RxT >= 0)
+                & (batch["pair_mask"][jnp.maximum(seq_RxT, 0) // 2] > 0))
+    chosen_RxT = real_RxT & (seq_RxT % 2 == 0)
+    rejected_RxT = real_RxT & (seq_RxT % 2 == 1)
+
+    def mean_over(mask_RxT, values_RxT):
+        return (jnp.where(mask_RxT, values_RxT, 0.0).sum(dtype=jnp.float32),
+                mask_RxT.sum(dtype=jnp.float32))
+
+    out = {}
+    if "entropy" in stats:
+        out["entropy"] = mean_over(real_RxT, stats["entropy"])
+    if "is_argmax" in stats:
+        out["mean_token_accuracy"] = mean_over(chosen_RxT, stats["is_argmax"].astype(jnp.float32))
+    if "mean_logit" in stats:
+        out["logits/chosen"] = mean_over(chosen_RxT, stats["mean_logit"])
+        out["logits/rejected"] = mean_over(rejected_RxT, stats["mean_logit"])
+    return out
+
+
+def _pair_sums(losses_B, metrics, pair_mask_B):
     """A per-pair loss and its (masked-mean) metrics as the update core's sums."""
     count = pair_mask_B.sum()
     sums = {k: v * count for k, v in metrics.items()}
-    sums.update(num_tokens=num_tokens)
     return jnp.where(pair_mask_B > 0, losses_B, 0.0).sum(), sums
 
 
@@ -105,16 +170,14 @@ def make_reward_step(score_fn: Callable, optimizer: optax.GradientTransformation
             from `batch["margin"]` when present.
         grad_accum_steps: microbatches of consecutive pairs (padded batches).
 
-    Metrics: the loss's (accuracy, margin, ...; means over real pairs), loss,
-    num_tokens, grad_norm.
+    Metrics: the loss's (accuracy, margin, ...; means over real pairs), loss, grad_norm.
     """
 
     def sum_loss(params, batch):
         scores = score_fn(params, batch)
         kwargs = {"margin": batch["margin"]} if "margin" in batch else {}
         losses, metrics = loss_fn(scores[0::2], scores[1::2], mask=batch["pair_mask"], **kwargs)
-        num_tokens = (batch["segment_ids"] > 0).sum().astype(jnp.float32)
-        return _pair_sums(losses, metrics, batch["pair_mask"], num_tokens)
+        return _pair_sums(losses, metrics, batch["pair_mask"])
 
     def step(state: TrainState, batch):
         state, metrics = gradient_update(
@@ -155,30 +218,39 @@ def make_dpo_step(logprob_fn: Callable, optimizer: optax.GradientTransformation,
             chosen sequences over prompt and completion tokens (TRL's ORPO / CPO NLL);
             by default the loss computes its NLL from the completion log-probs.
 
+    With `reference="params"`, while the policy computes the reference's very function
+    (step 1; see `policy_is_reference`) the reference log-probs are the policy's own, so
+    the implicit rewards and margins are exactly 0 and rewards/accuracies exactly 0.
+
     Metrics: the loss's (rewards/chosen, rewards/rejected, rewards/accuracies,
-    rewards/margins, logps/chosen, logps/rejected for dpo_loss), loss, num_tokens
-    (completion tokens), grad_norm.
+    rewards/margins, logps/chosen, logps/rejected for dpo_loss), loss, grad_norm and,
+    when `logprob_fn` returns them (`decoder_logprob_fn(model_cfg, with_stats=True)`),
+    TRL's token statistics of the policy over completion tokens: entropy (chosen and
+    rejected), mean_token_accuracy (chosen), logits/chosen and logits/rejected (the
+    logits' mean over the vocabulary).
     """
     if reference not in REFERENCE_MODES:
         raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
     if ref_sync_every and reference != "params":
         raise ValueError("TR-DPO reference syncing (ref_sync_every > 0) needs reference='params'")
 
-    def reference_logps(state, batch, num_pairs):
+    def reference_logps(state, batch, num_pairs, policy_logps, same):
         if reference == "params":
             ref, _ = sequence_logp_sums(logprob_fn, reference_params(state.frozen), batch,
                                         2 * num_pairs)
-            ref = jax.lax.stop_gradient(ref)
+            # The same function as the policy: its own log-probs (see policy_is_reference).
+            ref = jnp.where(same, policy_logps, jax.lax.stop_gradient(ref))
             return ref[0::2], ref[1::2]
         if reference == "precomputed":
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         zeros = jnp.zeros((num_pairs,), jnp.float32)
         return zeros, zeros
 
-    def sum_loss(params, state, batch):
+    def sum_loss(params, state, batch, same):
         num_pairs = batch["pair_mask"].shape[0]
-        sums = sequence_logp_sums(logprob_fn, model_params(params, state.frozen), batch,
-                                  2 * num_pairs, rng=state.step_rng(), with_prompt=nll_over_prompt)
+        out = logprob_fn(model_params(params, state.frozen), batch, state.step_rng())
+        logps_RxT, stats = split_logprob_output(out)
+        sums = _logp_sums(logps_RxT, batch, 2 * num_pairs, nll_over_prompt)
         logps, lengths = sums[:2]
         extra = {}
         if nll_over_prompt:
@@ -186,16 +258,18 @@ def make_dpo_step(logprob_fn: Callable, optimizer: optax.GradientTransformation,
             total = jnp.where(real, sums[2][0::2], 0.0).sum()
             count = jnp.maximum(jnp.where(real, sums[3][0::2], 0.0).sum(), 1.0)
             extra["chosen_nll"] = jnp.broadcast_to(-total / count, (num_pairs,))
-        ref_c, ref_r = reference_logps(state, batch, num_pairs)
+        ref_c, ref_r = reference_logps(state, batch, num_pairs, jax.lax.stop_gradient(logps), same)
         losses, metrics = loss_fn(logps[0::2], logps[1::2], ref_c, ref_r,
                                   chosen_lengths=jnp.maximum(lengths[0::2], 1.0),
                                   rejected_lengths=jnp.maximum(lengths[1::2], 1.0),
                                   mask=batch["pair_mask"], **extra)
-        return _pair_sums(losses, metrics, batch["pair_mask"], lengths.sum())
+        loss_sum, metric_sums = _pair_sums(losses, metrics, batch["pair_mask"])
+        return loss_sum, {**metric_sums, **_pair_token_stats(stats, batch)}
 
     def step(state: TrainState, batch):
+        same = policy_is_reference(state) if reference == "params" else jnp.asarray(False)
         new_state, metrics = gradient_update(
-            optimizer, state, lambda p, b: sum_loss(p, state, b), batch,
+            optimizer, state, lambda p, b: sum_loss(p, state, b, same), batch,
             count_fn=_real_pairs, num_microbatches=grad_accum_steps, split=pair_microbatches)
         new_state = new_state.replace(step=state.step + 1)
         if ref_sync_every:
@@ -222,32 +296,37 @@ def make_kto_step(logprob_fn: Callable, optimizer: optax.GradientTransformation,
 
     The batch holds B rows (`sequence_index` = the example's slot), `label` [B]
     (1 desirable), `pair_mask` [B] and the mismatched `kl_*` rows for KTO's
-    reference point z0 (see jalign.data.preference). Metrics: the loss's, loss,
-    num_tokens, grad_norm.
+    reference point z0 (see jalign.data.preference). With `reference="params"` the
+    reference log-probs are the policy's own while the two are the same function (as in
+    `make_dpo_step`). Metrics: the loss's, loss, grad_norm.
     """
     if reference not in ("params", "precomputed"):
         raise ValueError(f"KTO reference must be 'params' or 'precomputed', got {reference!r}")
 
-    def sum_loss(params, state, batch):
+    def sum_loss(params, state, batch, same):
         n = batch["pair_mask"].shape[0]
         params = model_params(params, state.frozen)
-        logps, lengths = sequence_logp_sums(logprob_fn, params, batch, n, rng=state.step_rng())
+        logps, _ = sequence_logp_sums(logprob_fn, params, batch, n, rng=state.step_rng())
         kl_logps, _ = sequence_logp_sums(logprob_fn, params, batch, n, prefix="kl_")
         if reference == "params":
             ref = reference_params(state.frozen)
             ref_logps = sequence_logp_sums(logprob_fn, ref, batch, n)[0]
             ref_kl = sequence_logp_sums(logprob_fn, ref, batch, n, prefix="kl_")[0]
+            # The same function as the policy: its own log-probs (see policy_is_reference).
+            ref_logps = jnp.where(same, logps, ref_logps)
+            ref_kl = jnp.where(same, kl_logps, ref_kl)
         else:
             ref_logps, ref_kl = batch["ref_logps"], batch["ref_kl_logps"]
         desirable = (batch["label"] > 0) & (batch["pair_mask"] > 0)
         losses, metrics = loss_fn(logps, jax.lax.stop_gradient(ref_logps), desirable,
                                   kl_logps=kl_logps, ref_kl_logps=jax.lax.stop_gradient(ref_kl),
                                   mask=batch["pair_mask"])
-        return _pair_sums(losses, metrics, batch["pair_mask"], lengths.sum())
+        return _pair_sums(losses, metrics, batch["pair_mask"])
 
     def step(state: TrainState, batch):
+        same = policy_is_reference(state) if reference == "params" else jnp.asarray(False)
         new_state, metrics = gradient_update(optimizer, state,
-                                             lambda p, b: sum_loss(p, state, b), batch,
+                                             lambda p, b: sum_loss(p, state, b, same), batch,
                                              count_fn=_real_pairs)
         return new_state.replace(step=state.step + 1), metrics
 

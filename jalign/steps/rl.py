@@ -89,8 +89,7 @@ def _make_update(loss, optimizer):
     return update
 
 
-def _finish_step(state: TrainState, batch, metrics, **replace):
-    metrics["num_tokens"] = completion_mask(batch).sum()
+def _finish_step(state: TrainState, metrics, **replace):
     return state.replace(step=state.step + 1, **replace), metrics
 
 
@@ -111,7 +110,7 @@ def make_policy_gradient_step(logprob_fn: Callable, optimizer: optax.GradientTra
 
     The batch is the rollout layout of this module's docstring (`ref_logps` only
     when `kl_beta` > 0). Metrics: clipped_policy_loss's, loss, grad_norm (last
-    epoch, averaged over its minibatches) and num_tokens.
+    epoch, averaged over its minibatches).
     """
     _check_counts(num_iterations, num_minibatches)
     loss_kwargs = dict(loss_kwargs or {})
@@ -128,7 +127,7 @@ def make_policy_gradient_step(logprob_fn: Callable, optimizer: optax.GradientTra
     def step(state: TrainState, batch):
         state, metrics = run_epochs(update, state, batch, num_iterations=num_iterations,
                                     num_minibatches=num_minibatches)
-        return _finish_step(state, batch, metrics)
+        return _finish_step(state, metrics)
 
     return step
 
@@ -168,8 +167,7 @@ def make_ppo_step(logprob_fn: Callable, value_fn: Callable,
     `old_values` [N, T-1], `old_logps` and each sequence's KL to the reference `kl`
     [N]. Each update minimises clipped policy loss + vf_coef * clipped value loss -
     entropy_coef * entropy. Metrics: TRL's PPO names (loss/policy_avg,
-    loss/value_avg, objective/entropy, objective/kl_coef, ...), loss, grad_norm,
-    num_tokens.
+    loss/value_avg, objective/entropy, objective/kl_coef, ...), loss, grad_norm.
     """
     _check_counts(num_iterations, num_minibatches)
 
@@ -205,6 +203,6 @@ def make_ppo_step(logprob_fn: Callable, value_fn: Callable,
             n = batch["loss_mask"].shape[0]
             frozen["kl_coef"] = adaptive_kl_coef(frozen["kl_coef"], batch["kl"].mean(), target=kl_target,
                                                  horizon=kl_horizon, n_steps=n)
-        return _finish_step(state, batch, metrics, frozen=frozen)
+        return _finish_step(state, metrics, frozen=frozen)
 
     return step

@@ -29,15 +29,14 @@ def make_sft_step(logprob_fn: Callable, optimizer: optax.GradientTransformation,
     `loss_mask` (1 on completion tokens) and, for jalign's decoder, `segment_ids`
     and `positions` (see jalign.data); packed and padded batches alike.
 
-    Metrics: loss, num_tokens, grad_norm, and with the statistics above
-    mean_token_accuracy and entropy (TRL's names).
+    Metrics: loss, grad_norm, and with the statistics above mean_token_accuracy and
+    entropy (TRL's names; means over completion tokens).
     """
 
     def sum_loss(params, batch, rng):
         logps, stats = split_logprob_output(logprob_fn(params, batch, rng))
         keep = completion_mask(batch) > 0
-        count = keep.sum().astype(jnp.float32)
-        sums = {"num_tokens": count}
+        sums = {}
         if "is_argmax" in stats:
             sums["mean_token_accuracy"] = (keep & stats["is_argmax"]).sum().astype(jnp.float32)
         if "entropy" in stats:

@@ -1,5 +1,6 @@
 """Reward, DPO and KTO steps on real preference batches from the data pipeline."""
 
+import dataclasses
 import functools
 
 import chex
@@ -24,6 +25,7 @@ from jalign.state import init_train_state
 
 CFG = ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   intermediate_size=48)
+DPO_TOKEN_STATS = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected")
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,6 +72,119 @@ def test_dpo_step_matches_independent_sigmoid_dpo():
     want = np.mean(np.logaddexp(0.0, -z))
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-4)
     np.testing.assert_allclose(metrics["logps/chosen"], pi[0::2].mean(), rtol=1e-4)
+
+
+def test_dpo_token_statistics_are_trls():
+    """entropy over chosen and rejected completion tokens, mean_token_accuracy over chosen
+    ones, logits/chosen and logits/rejected the mean of the full logits over the
+    vocabulary and the completion tokens (TRL's DPOTrainer), from full float64 logits."""
+    cfg = dataclasses.replace(CFG, tie_embeddings=False)
+    opt = optax.sgd(0.0)
+    state, _ = init_train_state(decoder_init_fn(cfg), opt, _mesh(), shd.DEFAULT_RULES, seed=0,
+                                with_reference=True)
+    batch = dict(_batches(1)[0])
+    batch["pair_mask"] = np.asarray(batch["pair_mask"]).copy()
+    batch["pair_mask"][-1] = 0  # a filler pair counts in no statistic
+    completion = np.asarray(batch["loss_mask"][:, 1:]) > 0
+    real_rows = np.repeat(np.asarray(batch["pair_mask"]) > 0, 2)[:, None]
+    chosen_rows = (np.arange(completion.shape[0]) % 2 == 0)[:, None]
+    chosen, rejected = completion & real_rows & chosen_rows, completion & real_rows & ~chosen_rows
+    targets = np.asarray(batch["tokens"][:, 1:])
+
+    def hidden_of(params):
+        return np.asarray(Decoder(cfg).apply({"params": params}, batch["tokens"],
+                                             batch["positions"], batch["segment_ids"])[:, :-1])
+
+    # Make the most frequent chosen target the arg-max everywhere, so the accuracy is
+    # its frequency (strictly between 0 and 1), not the 0 of a random model.
+    common = np.bincount(targets[chosen]).argmax()
+    h_mean = hidden_of(state.params)[chosen].mean(0)
+    lm_head = state.params["lm_head"].at[:, common].add(3.0 * h_mean / (h_mean @ h_mean))
+    state = state.replace(params=dict(state.params, lm_head=lm_head))
+    step = jax.jit(make_dpo_step(decoder_logprob_fn(cfg, with_stats=True), opt,
+                                 loss_fn=functools.partial(losses.dpo_loss, beta=0.1)))
+    metrics = step(state, batch)[1]
+    with jax.default_matmul_precision("highest"):
+        logits = hidden_of(state.params).astype(np.float64) @ np.asarray(lm_head, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    entropy = -(np.exp(logp) * logp).sum(-1)
+    argmax_hit = logits.argmax(-1) == targets
+    want = {"entropy": entropy[chosen | rejected].mean(),
+            "mean_token_accuracy": argmax_hit[chosen].mean(),
+            "logits/chosen": logits.mean(-1)[chosen].mean(),
+            "logits/rejected": logits.mean(-1)[rejected].mean()}
+    for key, value in want.items():
+        np.testing.assert_allclose(metrics[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+    assert 0 < want["mean_token_accuracy"] < 1
+    assert want["mean_token_accuracy"] != argmax_hit[chosen | rejected].mean()  # chosen only
+
+
+def _loop_jitted(step_fn, mesh, shardings):
+    """The step as jalign.loop jits it: shardings, donation, the non-finite guard."""
+    from jalign.loop import skip_nonfinite
+    return jax.jit(skip_nonfinite(step_fn),
+                   in_shardings=(shardings, shd.data_sharding(mesh, shd.DEFAULT_RULES)),
+                   out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,))
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_step_one_rewards_are_exactly_zero_when_policy_is_reference(kind):
+    """Policy == reference (step 1): the implicit rewards are exactly 0, not +-1e-6 from two
+    differently compiled forwards of the same model, and no pair counts as won."""
+    from jalign.data import make_unpaired_dataset
+    from jalign.steps.preference import make_kto_step
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=96)  # float32
+    opt = optax.adamw(1e-2)
+    mesh = _mesh()
+    if kind == "dpo":
+        step_fn = make_dpo_step(decoder_logprob_fn(cfg, with_stats=True), opt,
+                                loss_fn=functools.partial(losses.dpo_loss, beta=0.5))
+        batches = _batches(2)
+        keys = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    else:
+        step_fn = make_kto_step(decoder_logprob_fn(cfg), opt,
+                                loss_fn=functools.partial(losses.kto_loss, beta=0.5))
+        rows = get_task("sort").unpaired(32, seed=0)
+        records = preference_records_from_dicts(rows, paired=False)[0]
+        it = iter(make_unpaired_dataset(records, builtin_tokenizer(), batch_size=8, max_length=48,
+                                        seed=0, shuffle=False))
+        batches = [next(it), next(it)]
+        keys = ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl")
+    state, shardings = init_train_state(decoder_init_fn(cfg), opt, mesh, shd.DEFAULT_RULES,
+                                        seed=0, with_reference=True)
+    step = _loop_jitted(step_fn, mesh, shardings)
+    with jax.set_mesh(mesh):
+        state, first = step(state, batches[0])
+        state, second = step(state, batches[1])
+    for key in keys:
+        if key in first:
+            assert float(first[key]) == 0.0, (key, float(first[key]))
+    if kind == "dpo":
+        assert float(first["loss"]) == pytest.approx(np.log(2.0), rel=1e-7)
+    # After an update the policy differs: the reference forward is used again.
+    assert float(second["rewards/chosen"]) != 0.0
+
+
+def test_policy_is_reference_sees_any_difference_and_lora_zero_adapters():
+    from jalign.steps.preference import policy_is_reference
+    opt = optax.sgd(0.0)
+    state, _ = init_train_state(decoder_init_fn(CFG), opt, _mesh(), shd.DEFAULT_RULES, seed=0,
+                                with_reference=True)
+    assert bool(policy_is_reference(state))
+    embed = state.params["embed"]
+    nudged = dict(state.params, embed=embed.at[3, 5].set(np.nextafter(embed[3, 5], 1.0)))
+    assert not bool(policy_is_reference(state.replace(params=nudged)))
+    lora_cfg = ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
+                           num_kv_heads=2, intermediate_size=48, lora_rank=4,
+                           lora_base_dtype="float32")
+    lstate, _ = init_train_state(decoder_init_fn(lora_cfg), opt, _mesh(), shd.DEFAULT_RULES,
+                                 seed=0, model_cfg=lora_cfg)
+    assert bool(policy_is_reference(lstate))  # B starts at zero: the adapters add nothing
+    moved = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 1e-3 if str(path[-1]).endswith("_lora_b']") else x, lstate.params)
+    assert not bool(policy_is_reference(lstate.replace(params=moved)))
 
 
 def test_packed_and_padded_batches_give_the_same_pair_logps():
@@ -190,7 +305,7 @@ def test_gradient_accumulation_over_pairs_equals_the_full_batch(kind):
     opt = optax.sgd(0.5)
     if kind == "dpo":
         init = decoder_init_fn(CFG)
-        make = functools.partial(make_dpo_step, decoder_logprob_fn(CFG), opt,
+        make = functools.partial(make_dpo_step, decoder_logprob_fn(CFG, with_stats=True), opt,
                                  loss_fn=functools.partial(losses.dpo_loss, beta=0.1))
     else:
         init = scalar_model_init_fn(CFG)
@@ -203,8 +318,9 @@ def test_gradient_accumulation_over_pairs_equals_the_full_batch(kind):
     batch["pair_mask"][-1] = 0  # a filler pair: weights must follow the real pairs
     one, m1 = jax.jit(make())(state, batch)
     four, m4 = jax.jit(make(grad_accum_steps=4))(state, batch)
-    for key in ("loss", "grad_norm", "num_tokens", "rewards/accuracies" if kind == "dpo"
-                else "accuracy"):
+    keys = ("loss", "grad_norm") + (DPO_TOKEN_STATS + ("rewards/accuracies",) if kind == "dpo"
+                                     else ("accuracy",))
+    for key in keys:  # token means over the whole batch, not means of microbatch means
         np.testing.assert_allclose(m4[key], m1[key], rtol=2e-5, err_msg=key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7),
                  four.params, one.params)
@@ -226,13 +342,14 @@ def test_packed_and_padded_batches_of_the_same_pairs_give_the_same_metrics(kind)
     opt = optax.sgd(0.0)
     if kind == "dpo":
         init, loss_fn = decoder_init_fn(CFG), functools.partial(losses.dpo_loss, beta=0.1)
-        make = functools.partial(make_dpo_step, decoder_logprob_fn(CFG), opt, loss_fn=loss_fn)
-        keys = ("loss", "num_tokens", "rewards/accuracies", "rewards/margins", "rewards/chosen",
-                "rewards/rejected", "logps/chosen", "logps/rejected")
+        make = functools.partial(make_dpo_step, decoder_logprob_fn(CFG, with_stats=True), opt,
+                                 loss_fn=loss_fn)
+        keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+                "rewards/rejected", "logps/chosen", "logps/rejected") + DPO_TOKEN_STATS
     else:
         init, make = scalar_model_init_fn(CFG), functools.partial(
             make_reward_step, decoder_score_fn(CFG), opt, loss_fn=losses.reward_loss)
-        keys = ("loss", "num_tokens", "accuracy", "margin", "rewards/chosen", "rewards/rejected")
+        keys = ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected")
     state, _ = init_train_state(init, opt, _mesh(), shd.DEFAULT_RULES, seed=0,
                                 with_reference=kind == "dpo")
     # A policy unlike its reference (DPO) and a non-zero score head (reward): metrics move.
