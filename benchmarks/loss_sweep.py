@@ -89,7 +89,7 @@ def main():
         finite = all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
         rows[name] = {"gold_greedy": final["gold_reward/greedy"],
                       "gold_sampled": final["gold_reward/sampled"],
-                      "pref_acc": final.get("eval/rewards/accuracies"), "kl": final.get("kl/ref"),
+                      "pref_acc": final.get("eval_rewards/accuracies"), "kl": final.get("kl/ref"),
                       "finite": finite, "seconds": time.perf_counter() - t0}
         print(name, rows[name], flush=True)
 

@@ -99,7 +99,7 @@ proxy_params = os.path.join(workdir, "reward", "final_params")
 # %%
 print("SFT held-out gold reward (sampled):", round(sft_summary["final"]["gold_reward/sampled"], 3))
 print("proxy accuracy on gold-labelled held-out pairs:",
-      round(reward_summary["final"]["eval/accuracy"], 3))
+      round(reward_summary["final"]["eval_accuracy"], 3))
 
 # %% [markdown]
 # ## GRPO against the proxy, with and without a length penalty

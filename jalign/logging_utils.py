@@ -49,7 +49,9 @@ class MetricsWriter:
             f.write(json.dumps(result) + "\n")
         for key, value in result.items():
             if key != "step" and isinstance(value, (int, float)):
-                self._tb.add_scalar(f"eval/{key}", value, result["step"])
+                # TensorBoard shows eval_X as eval/X, as transformers does for TRL runs.
+                name = key[len("eval_"):] if key.startswith("eval_") else key
+                self._tb.add_scalar(f"eval/{name}", value, result["step"])
 
     def read_evals(self) -> list[dict[str, Any]]:
         if not os.path.exists(self.eval_path):

@@ -53,7 +53,7 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, init_from: str):
 
 def _row(summary: dict, which: str) -> dict[str, float]:
     entry = dict(summary.get(which) or {})
-    for key in ("eval/rewards/accuracies", "eval/accuracy"):
+    for key in ("eval_rewards/accuracies", "eval_accuracy"):
         if key in entry:
             entry["accuracy"] = entry[key]
     return {k: entry[k] for k, _ in COLUMNS if k in entry}

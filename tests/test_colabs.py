@@ -59,4 +59,4 @@ def test_real_model_notebook_on_smollm2(monkeypatch):
     printed = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
     assert "llama: 30 layers, 134.5M parameters" in printed
     # Three DPO steps fit the dozen pairs: the eval (the same pairs) ranks every one right.
-    assert "eval after:  {'eval/rewards/accuracies': 1.0" in printed
+    assert "eval after:  {'eval_rewards/accuracies': 1.0" in printed

@@ -232,7 +232,7 @@ def reward_setup(config, model_cfg: ModelConfig, spec, workdir: str) -> Algorith
     def evaluate(params, start_params):
         del start_params
         accuracy, margin = held_out_pair_metrics(batches, lambda b: score(params, b))
-        return {"eval/accuracy": accuracy, "eval/margin": margin}
+        return {"eval_accuracy": accuracy, "eval_margin": margin}
 
     return AlgorithmSetup(dataset=_dataset_fn(config, tokenizer, train, paired=True),
                           params_init_fn=scalar_model_init_fn(model_cfg),
@@ -290,7 +290,7 @@ def _dpo_like_setup(config, model_cfg: ModelConfig, spec: PreferenceSpec, workdi
         if batches and start_params is not None:
             accuracy, margin = held_out_pair_metrics(batches, lambda b: beta * (
                 np.asarray(logps_fn(params, b)) - np.asarray(logps_fn(start_params, b))))
-            out["eval/rewards/accuracies"], out["eval/rewards/margins"] = accuracy, margin
+            out["eval_rewards/accuracies"], out["eval_rewards/margins"] = accuracy, margin
         return out
 
     def prepare(start_params):
