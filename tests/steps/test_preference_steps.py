@@ -134,8 +134,9 @@ def test_step_one_rewards_are_exactly_zero_when_policy_is_reference(kind):
     differently compiled forwards of the same model, and no pair counts as won."""
     from jalign.data import make_unpaired_dataset
     from jalign.steps.preference import make_kto_step
-    cfg = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=96)  # float32
+    # float32; sizes at which the two compiled forwards do differ (checked without the fix)
+    cfg = ModelConfig(vocab_size=128, hidden_size=128, num_layers=4, num_heads=4,
+                      num_kv_heads=2, intermediate_size=192)
     opt = optax.adamw(1e-2)
     mesh = _mesh()
     if kind == "dpo":
