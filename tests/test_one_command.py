@@ -112,3 +112,14 @@ def test_algo_with_pipeline_stages_is_an_error_naming_both():
     with pytest.raises(ValueError, match=r"config.algo='dpo' and config.pipeline.stages="
                                          r"'sft,reward,dpo' are both set"):
         validate_config(cfg, algorithms=("sft", "reward", "dpo"))
+
+
+def test_grpo_on_prompt_files_from_a_hugging_face_folder(tiny_hf_llama, tmp_path):
+    from tests.train_helpers import write_prompt_files
+    train, held_out = write_prompt_files(tmp_path, num_train=16, num_eval=4)
+    cfg = parse_config(f"--config.init_from={tiny_hf_llama}", f"--config.data.path={train}",
+                       f"--config.data.eval_path={held_out}", F32, config="configs/grpo.py:test")
+    summary = loop.run(cfg, str(tmp_path / "grpo"))
+    metrics = read_metrics(tmp_path / "grpo")
+    assert np.isfinite(metrics[2]["loss"]) and "rewards/math_answer/mean" in metrics[2]
+    assert any(k.startswith("rewards/math_answer") for k in summary["final"])
