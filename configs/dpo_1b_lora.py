@@ -8,7 +8,7 @@ Train (a Colab v5e-1 runtime, or any single accelerator), from a model converted
 `python -m jalign.convert import --hf=... --out=SFT`:
 
     python -m jalign.train --config=configs/dpo_1b_lora.py:qlora --workdir=/tmp/dpo_1b \
-        --config.init_from=SFT/params --config.data.tokenizer=SFT \
+        --config.init_from=SFT \
         --config.data.path=/data/train.jsonl --config.data.eval_path=/data/eval.jsonl
 
 Variants (`--config=configs/dpo_1b_lora.py:VARIANT`):

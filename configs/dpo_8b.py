@@ -8,7 +8,7 @@ Train, on every host of the slice (e.g. launch/tpu_vm.sh ... -- COMMAND), from a
 SFT model converted with `python -m jalign.convert import --hf=... --out=SFT`:
 
     python -m jalign.train --config=configs/dpo_8b.py --workdir=/mnt/shared/dpo_8b \
-        --config.init_from=SFT/params --config.data.tokenizer=SFT \
+        --config.init_from=SFT \
         --config.data.path=/data/train.jsonl --config.data.eval_path=/data/eval.jsonl
 
 Choices:

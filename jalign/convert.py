@@ -2,10 +2,11 @@
 
     python -m jalign.convert import --hf=HF_DIR --out=OUT_DIR [--dtype=float32]
 
-writes OUT_DIR/params (`jalign.checkpoint.save_params`; use it as config.init_from
-with config.model set to OUT_DIR/model_config.json, the jalign ModelConfig),
-OUT_DIR/hf_config.json (the original config.json, for export's --hf-config) and
-the tokenizer files, unchanged.
+writes OUT_DIR/params (`jalign.checkpoint.save_params`), OUT_DIR/model_config.json
+(the jalign ModelConfig), OUT_DIR/hf_config.json (the original config.json, for
+export's --hf-config) and the tokenizer files, unchanged. Train from it with
+`--config.init_from=OUT_DIR` (the model and tokenizer come from the folder; a Hugging
+Face folder works as init_from too, without this step: README "Align your own model").
 
     python -m jalign.convert export --params=WORKDIR/final_params \\
         --model-config=OUT_DIR/model_config.json --out=HF_DIR \\
