@@ -111,8 +111,7 @@ def resolve_impl(config: ModelConfig, seq_len: int | None = None,
     backend = backend or jax.default_backend()
     if backend == "tpu":
         chosen = "splash"
-    elif backend in ("gpu", "cuda") and not attention_impl_errors(
-            dataclasses.replace(config, attention_impl="cudnn")):
+    elif backend in ("gpu", "cuda") and not attention_impl_errors(config, "cudnn"):
         chosen = "cudnn"
     elif backend == "cpu" and seq_len is not None and seq_len < AUTO_CHUNKED_MIN_TOKENS:
         chosen = "xla"

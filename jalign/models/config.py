@@ -28,13 +28,14 @@ PROJECTION_BACKWARDS = ("autodiff", "cpu_transposed")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 
 
-def attention_impl_errors(config: "ModelConfig") -> list[str]:
-    """Why `config.attention_impl` cannot compute this model (empty when it can).
+def attention_impl_errors(config: "ModelConfig", impl: str | None = None) -> list[str]:
+    """Why `impl` (default `config.attention_impl`) cannot compute this model (empty
+    when it can).
 
     Only cuDNN's flash attention lacks features: it has no logit soft-capping and
     runs in bf16/fp16 only, with a head size that is a multiple of 8, <= 256.
     """
-    impl = config.attention_impl
+    impl = impl or config.attention_impl
     if impl not in ATTENTION_IMPLS:
         return [f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}"]
     errors = []
