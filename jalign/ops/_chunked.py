@@ -5,7 +5,7 @@ float32 log-sum-exp (running max and rescaled sum), the target logit (picked by
 an iota compare) and, when asked, the running sum of p * z for the entropy.
 
 Backward (custom_vjp): the residuals are the inputs plus the per-token lse (and
-entropy). Each [block_tokens, block_vocab] tile of logits is recomputed exactly
+entropy); an entropy that is not differentiated (a metric) adds nothing to it. Each [block_tokens, block_vocab] tile of logits is recomputed exactly
 as in the forward, turned into dz = (g_lse - g_logp) p + g_logp onehot(target)
 - g_ent p (log p + entropy), pushed through softcap and temperature, and
 contracted into dh = dz W^T and dW = h^T dz, both accumulated in float32.
@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jalign.ops._reference import project_logits, transform_logits, valid_targets
 
@@ -186,6 +187,8 @@ def _fused(hidden_NxH, unembed_HxV, targets_N, cfg: ChunkedConfig):
 
 
 def _fused_fwd(hidden_NxH, unembed_HxV, targets_N, cfg: ChunkedConfig):
+    # symbolic_zeros: the primals come wrapped (CustomVJPPrimal).
+    hidden_NxH, unembed_HxV, targets_N = (x.value for x in (hidden_NxH, unembed_HxV, targets_N))
     logp_N, lse_N, entropy_N, max_N = _forward(hidden_NxH, unembed_HxV, targets_N, cfg)
     residuals = (hidden_NxH, unembed_HxV, targets_N, lse_N, entropy_N)
     outs = (logp_N, lse_N, max_N, entropy_N) if cfg.with_entropy else (logp_N, lse_N, max_N)
@@ -196,14 +199,19 @@ def _fused_bwd(cfg: ChunkedConfig, residuals, cotangents):
     hidden_NxH, unembed_HxV, targets_N, lse_N, entropy_N = residuals
     # cotangents[2] belongs to the max logit, which is not differentiated (the
     # public wrapper stops its gradient).
-    g_logp_N, g_lse_N = cotangents[0], cotangents[1]
+    g_logp_N, g_lse_N = (jnp.zeros_like(lse_N) if isinstance(g, SymbolicZero) else g
+                         for g in cotangents[:2])
     g_entropy_N = cotangents[3] if cfg.with_entropy else None
+    if isinstance(g_entropy_N, SymbolicZero):
+        # The entropy is only a statistic here (e.g. a logged metric): no entropy term in
+        # the backward, which then costs what it costs without the entropy.
+        g_entropy_N, cfg = None, dataclasses.replace(cfg, with_entropy=False)
     dh_NxH, dw_HxV = _backward(hidden_NxH, unembed_HxV, targets_N, lse_N, entropy_N,
                                g_logp_N, g_lse_N, g_entropy_N, cfg)
     return dh_NxH, dw_HxV, None
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def token_logprobs_chunked(hidden_NxH, unembed_HxV, targets_N, *, temperature: float,

@@ -180,3 +180,41 @@ def test_max_logit_marks_the_argmax(impl):
     g = jax.grad(lambda x: token_logprobs(x, w, jnp.asarray(targets), return_max_logit=True,
                                           impl=impl).max_logit.sum())(h)
     assert not np.any(np.asarray(g))
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_mean_logit_is_the_mean_of_the_full_logits(impl):
+    hidden, unembed, targets = _inputs(37, 16, 70, seed=3)
+    kw = BLOCKS if impl == "chunked" else {}
+    out = token_logprobs(hidden, unembed, targets, return_mean_logit=True, temperature=0.7,
+                         impl=impl, **kw)
+    logits = np.asarray(hidden, np.float64) @ np.asarray(unembed, np.float64) / 0.7
+    np.testing.assert_allclose(out.mean_logit, logits.mean(-1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        token_logprobs(hidden, unembed, targets, return_mean_logit=True, logit_softcap=30.0)
+
+
+def test_an_entropy_that_is_only_a_statistic_leaves_the_gradient_unchanged():
+    """The entropy read as a metric (no cotangent) changes neither the log-prob gradient nor
+    a differentiated entropy's (the chunked backward skips the term only when unused)."""
+    hidden, unembed, targets = _inputs(40, 16, 50, seed=4)
+
+    def loss(h, w, *, stats: bool, entropy_weight: float = 0.0):
+        if not stats:
+            return token_logprobs(h, w, targets, impl="chunked", **BLOCKS).sum(), 0.0
+        out = token_logprobs(h, w, targets, return_entropy=True, return_max_logit=True,
+                             impl="chunked", **BLOCKS)
+        return (out.logps.sum() + entropy_weight * out.entropy.sum(),
+                jax.lax.stop_gradient(out.entropy.mean()))
+
+    with jax.default_matmul_precision("highest"):
+        plain = jax.grad(loss, argnums=(0, 1), has_aux=True)(hidden, unembed, stats=False)[0]
+        metric = jax.grad(loss, argnums=(0, 1), has_aux=True)(hidden, unembed, stats=True)[0]
+        bonus = jax.grad(loss, argnums=(0, 1), has_aux=True)(hidden, unembed, stats=True,
+                                                             entropy_weight=0.5)[0]
+        xla = jax.grad(lambda h, w: (lambda o: o.logps.sum() + 0.5 * o.entropy.sum())(
+            token_logprobs(h, w, targets, return_entropy=True, impl="xla")),
+            argnums=(0, 1))(hidden, unembed)
+    chex.assert_trees_all_close(metric, plain, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(bonus, xla, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(bonus[0], plain[0])
