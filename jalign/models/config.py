@@ -88,7 +88,8 @@ class ModelConfig:
     and `<name>_lora_b` [r, out] (B starts at zero) and computes
     `x @ W + (alpha / r) * dropout(x) @ A @ B`. Params without the adapters give the
     base model exactly (that is how a LoRA run's reference is computed, see
-    jalign.lora). `lora_base_dtype` stores the frozen base weights in that dtype and
+    jalign.lora). `lora_base_dtype` stores the frozen base weights in that dtype (float32
+    by default, as PEFT keeps the loaded model; bfloat16 halves the base's memory) and
     `lora_quantization` ("int8" or "nf4", via qwix, in blocks of
     `lora_quantization_block` along the input axis) quantises its projections.
 
@@ -142,7 +143,7 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
-    lora_base_dtype: str = "bfloat16"
+    lora_base_dtype: str = "float32"
     lora_quantization: str = "none"
     lora_quantization_block: int = 64
     projection_backward: str = "autodiff"
