@@ -23,6 +23,15 @@ def _sequence_logps_fn(params, config, batch):
 _sequence_logps = jax.jit(_sequence_logps_fn, static_argnums=1)
 
 
+def mean_and_sem(values) -> tuple[float, float]:
+    """Mean and standard error of the mean over n values: sample std (ddof=1) / sqrt(n)
+    (NaN for n < 2)."""
+    values = np.asarray(values, np.float64)
+    n = values.size
+    sem = float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return float(values.mean()), sem
+
+
 def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Sequence[str], *,
                     max_new_tokens: int, seed: int = 0, ref_params: Any = None,
                     batch_size: int = 64, temperature: float = 1.0,
@@ -36,7 +45,9 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
     replaces encoding `prompts` (e.g. prompts rendered by a chat template).
 
     Returns NAME/greedy and NAME/sampled (the mean over scored prompts) for every
-    score, completions/mean_length (sampled, in tokens, EOS included) and, when
+    score with NAME/greedy_sem and NAME/sampled_sem, its standard error over prompts
+    (`mean_and_sem`: a difference of a few sems between two evals is prompt noise, not
+    a change of the policy), completions/mean_length (sampled, in tokens, EOS included) and, when
     `ref_params` is given, kl/ref: the mean over sampled completions of
     sum_t [log pi(y_t) - log pi_ref(y_t)] (a k1 estimate of KL(pi || pi_ref) per
     sequence).
@@ -81,7 +92,9 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
         values = np.concatenate(parts)
         values = values[~np.isnan(values)]
         if values.size:
-            out[key] = float(values.mean())
+            out[key], sem = mean_and_sem(values)
+            if values.size > 1:
+                out[f"{key}_sem"] = sem
     out["completions/mean_length"] = float(np.concatenate(lengths).mean())
     if kls:
         out["kl/ref"] = float(np.concatenate(kls).mean())
