@@ -32,6 +32,7 @@ from jalign.config_utils import resolve_start, validate_config
 from jalign.logging_utils import MetricsWriter, ProgressBar
 from jalign.memory import memory_report
 from jalign.models import pretrained
+from jalign.models.attention import resolve_impl
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import decoder_init_fn
 from jalign.optim import make_optimizer
@@ -167,9 +168,12 @@ def _start_line(config, model_cfg: ModelConfig, source) -> str:
         quant = model_cfg.lora_quantization
         lora_note = (f"; LoRA rank {model_cfg.lora_rank} on a frozen "
                      f"{quant if quant != 'none' else model_cfg.lora_base_dtype} base")
+    attention = resolve_impl(model_cfg, int(config.data.max_length))
+    if model_cfg.attention_impl == "auto":
+        attention += " (auto)"
     return (f"{config.algo}: a {model_cfg.family} model, {model_cfg.num_params() / 1e6:,.1f}M "
             f"parameters, from {start}; params {model_cfg.param_dtype}, compute "
-            f"{model_cfg.dtype}{lora_note}; tokenizer "
+            f"{model_cfg.dtype}{lora_note}; attention {attention}; tokenizer "
             f"{config.data.tokenizer or 'built-in (characters)'}")
 
 
