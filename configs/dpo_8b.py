@@ -26,8 +26,16 @@ Choices:
   * fit (benchmarks/RESULTS.md "Fit check"): 9.9 GiB of 95 per chip on v5p-64,
     38.7 GiB on v5p-16 (8 chips); room for longer sequences or bigger batches.
 
-Variants (`--config=configs/dpo_8b.py:VARIANT`):
-  cpu   a tiny model on the built-in sort task: the same recipe as a CPU smoke run.
+Variants (`--config=configs/dpo_8b.py:VARIANT[,VARIANT]`):
+  cpu     a tiny model on the built-in sort task: the same recipe as a CPU smoke run.
+  seq8k   8192 tokens per sequence (prompts up to 4096), 32 pairs per step (the
+          fewest v5p-64's 32 chips split evenly): 64 rows, 2 per chip, 524k tokens.
+  seq32k  32768 tokens per sequence (prompts up to 16384), 32 pairs: 2.1M tokens.
+  xla     model.attention_impl="xla" (dense [T, T] scores), the "before" of the
+          long-sequence fit checks (benchmarks/RESULTS.md "Fit check at 8k and 32k"):
+
+    python -m jalign.aot --config=configs/dpo_8b.py:seq32k --topology=v5p:2x4x4
+    python -m jalign.aot --config=configs/dpo_8b.py:seq32k,xla --topology=v5p:2x4x4
 """
 
 from jalign.config_utils import base_config, model_config
@@ -66,9 +74,17 @@ def get_config(arg: str = ""):
     config.train.logprob_impl = "auto"
 
     variants = {v for v in arg.split(",") if v}
-    if variants - {"cpu"}:
-        raise ValueError(f"configs/dpo_8b.py: unknown variant(s) {sorted(variants - {'cpu'})}; "
-                         "valid: 'cpu'")
+    known = {"cpu", "seq8k", "seq32k", "xla"}
+    if variants - known or {"seq8k", "seq32k"} <= variants:
+        raise ValueError(f"configs/dpo_8b.py: bad variant(s) {arg!r}; valid: {sorted(known)}, "
+                         "at most one of seq8k / seq32k")
+    for name, length in (("seq8k", 8192), ("seq32k", 32768)):
+        if name in variants:
+            config.data.batch_size = 32
+            config.data.max_length = length
+            config.data.max_prompt_length = length // 2
+    if "xla" in variants:
+        config.model.attention_impl = "xla"
     if "cpu" in variants:
         config.model = model_config("tiny", remat="full")
         config.data.source = "task"

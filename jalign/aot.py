@@ -13,6 +13,17 @@ memory XLA plans is printed against the chip's HBM:
 
     arguments + outputs - aliased (donated state) + temporaries + code  vs  HBM
 
+and a roofline per chip: the step takes at least
+max(FLOPs / peak bf16 FLOP/s, HBM bytes / HBM bandwidth), so its MFU is at most
+model FLOPs / (peak x that bound). FLOPs and bytes come from the compiler's
+`cost_analysis()`, which on TPU reports one device's share of the partitioned
+program but counts each while-loop body once (the scanned layer stack, the
+attention and log-prob loops); the roofline therefore takes the compiler's
+arithmetic intensity (FLOPs / byte) and the analytic hardware FLOPs of the step
+(`step_flops`: 6 N per trained token, 2 N per reference token, causal attention,
+remat's recomputed forward). `model.attention_impl=auto` resolves for the TPU
+(splash), not for this host.
+
 Topologies are libtpu names, "GEN:AxB[xC]" in chips: v5e:2x2 (v5e-4), v5p:2x2x2
 (v5p-16: v5p slices count 2 TensorCores per chip), v5p:2x4x4 (v5p-64), v6e:4x4,
 v4:2x2x4. Exit status: 0 fits, 1 does not fit, 2 the check could not run.
@@ -41,13 +52,33 @@ from jalign.algorithms import ALGOS, get_algorithm
 from jalign.algorithms.common import AlgorithmSetup
 from jalign.config_utils import resolve_start, validate_config
 from jalign.memory import GIB, format_bytes as _size, per_device_bytes
+from jalign.models.attention import resolve_impl
 from jalign.models.config import ModelConfig
 from jalign.models.heads import scalar_model_init_fn
 from jalign.models.transformer import decoder_init_fn
 from jalign.optim import make_optimizer
 from jalign.state import abstract_train_state
-# HBM per chip (one JAX device per chip on all of these).
-HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_gib: float         # HBM capacity
+    peak_flops: float      # dense bf16 FLOP/s
+    hbm_bandwidth: float   # HBM bytes/s
+
+
+# One JAX device per chip on all of these. Published per-chip figures, Google Cloud
+# TPU documentation, "System architecture" tables (cloud.google.com/tpu/docs/v4,
+# /v5e, /v5p, /v6e): v4 275 TFLOPs bf16, 32 GiB HBM2 at 1200 GBps; v5e 197 TFLOPs,
+# 16 GB at 819 GBps; v5p 459 TFLOPs, 95 GiB HBM2e at 2765 GBps; v6e (Trillium)
+# 918 TFLOPs, 32 GB at 1640 GBps.
+CHIPS = {
+    "v4": Chip(hbm_gib=32.0, peak_flops=275e12, hbm_bandwidth=1200e9),
+    "v5e": Chip(hbm_gib=16.0, peak_flops=197e12, hbm_bandwidth=819e9),
+    "v5p": Chip(hbm_gib=95.0, peak_flops=459e12, hbm_bandwidth=2765e9),
+    "v6e": Chip(hbm_gib=32.0, peak_flops=918e12, hbm_bandwidth=1640e9),
+}
+HBM_GIB = {name: chip.hbm_gib for name, chip in CHIPS.items()}
 _ROW_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
 
 
@@ -93,10 +124,39 @@ def hbm_bytes(topology: str, override_gib: float = 0.0) -> int:
     if override_gib:
         return int(override_gib * GIB)
     generation = topology.split(":")[0].lower()
-    if generation not in HBM_GIB:
-        raise ValueError(f"no HBM size known for {generation!r} (known: {sorted(HBM_GIB)}); "
+    if generation not in CHIPS:
+        raise ValueError(f"no HBM size known for {generation!r} (known: {sorted(CHIPS)}); "
                          "pass --hbm_gib")
-    return int(HBM_GIB[generation] * GIB)
+    return int(CHIPS[generation].hbm_gib * GIB)
+
+
+def chip(topology: str) -> Chip:
+    generation = topology.split(":")[0].lower()
+    if generation not in CHIPS:
+        raise ValueError(f"no figures known for TPU {generation!r} (known: {sorted(CHIPS)})")
+    return CHIPS[generation]
+
+
+def step_flops(config: ml_collections.ConfigDict, model_cfg: ModelConfig, spec,
+               rows: int) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one train step over `rows` x max_length tokens.
+
+    Per token, a forward pass costs 2 N_matmul + 2 L T n_heads d_head (QK^T and PV,
+    each 2 T/2 n_heads d_head multiply-adds under the causal mask, T = max_length);
+    N_matmul leaves out the embedding lookup of an untied vocabulary. Model FLOPs:
+    3 forward passes (forward + backward) of the policy, plus one forward of a
+    frozen reference kept in the state (Kaplan et al. 2020, 6N per token; PaLM,
+    Chowdhery et al. 2022, appendix B, for the attention term). Hardware FLOPs add
+    remat's recomputed forward. LoRA's cheaper backward is not modelled.
+    """
+    c, t = model_cfg, int(config.data.max_length)
+    n_matmul = c.num_params() - (0 if c.tie_embeddings else c.vocab_size * c.hidden_size)
+    forward = 2 * n_matmul + 2 * c.num_layers * t * c.num_heads * c.head_size
+    reference = getattr(spec, "reference", "none") == "params"
+    tokens = rows * t
+    model = tokens * forward * (3 + (1 if reference else 0))
+    recompute = tokens * forward if c.remat != "none" else 0
+    return float(model), float(model + recompute)
 
 
 def abstract_batch(config: ml_collections.ConfigDict, spec=None) -> dict[str, jax.ShapeDtypeStruct]:
@@ -158,6 +218,38 @@ class FitCheck:
     state_bytes: dict[str, int]   # per device, from the shardings: params, opt_state, ...
     batch_bytes: int
     num_params: int
+    attention_impl: str           # what model.attention_impl runs as on the TPU
+    # Roofline, per chip. compiler_*: cost_analysis() of one device's program, each
+    # loop body counted once; step_*: analytic FLOPs of the whole step / devices.
+    compiler_flops: float
+    compiler_bytes: float
+    model_flops: float
+    hardware_flops: float
+    peak_flops: float
+    hbm_bandwidth: float
+
+    @property
+    def hbm_bytes_accessed(self) -> float:
+        """HBM traffic at the compiler's FLOPs per byte over the step's hardware FLOPs
+        (the loop undercount cancels in the ratio when loop bodies dominate both)."""
+        if not self.compiler_flops:
+            return self.compiler_bytes
+        return self.hardware_flops * self.compiler_bytes / self.compiler_flops
+
+    @property
+    def roofline_seconds(self) -> float:
+        """Lower bound on the step time: max(FLOPs / peak, bytes / bandwidth)."""
+        return max(self.hardware_flops / self.peak_flops,
+                   self.hbm_bytes_accessed / self.hbm_bandwidth)
+
+    @property
+    def bound(self) -> str:
+        compute = self.hardware_flops / self.peak_flops
+        return "compute" if compute >= self.hbm_bytes_accessed / self.hbm_bandwidth else "memory"
+
+    @property
+    def mfu_ceiling(self) -> float:
+        return self.model_flops / (self.peak_flops * self.roofline_seconds)
 
     @property
     def total_bytes(self) -> int:
@@ -169,7 +261,10 @@ class FitCheck:
         return self.total_bytes <= self.hbm_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits)
+        return dict(dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits,
+                    hbm_bytes_accessed=self.hbm_bytes_accessed,
+                    roofline_seconds=self.roofline_seconds, bound=self.bound,
+                    mfu_ceiling=self.mfu_ceiling)
 
 
 def fit_check(config: ml_collections.ConfigDict, topology: str, *,
@@ -184,6 +279,9 @@ def fit_check(config: ml_collections.ConfigDict, topology: str, *,
     mesh = shd.make_mesh(config.mesh, devices)
     rules = shd.rules_from_config(config.get("logical_axis_rules"))
     model_cfg = ModelConfig.from_mapping(config.model)
+    # "auto" picks for the platform the step is compiled for, not this (CPU) host.
+    model_cfg = dataclasses.replace(model_cfg, attention_impl=resolve_impl(
+        model_cfg, int(config.data.max_length), backend=devices[0].platform))
     algo = get_algorithm(config.algo)
     spec = algo.spec(config)
     setup = abstract_setup(config, model_cfg, spec)
@@ -213,6 +311,11 @@ def fit_check(config: ml_collections.ConfigDict, topology: str, *,
                 f"{_size(per_device_bytes(state.frozen) if state.frozen else 0).strip()})") from e
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    rows = next(iter(batch.values())).shape[0]
+    model_flops, hardware_flops = step_flops(config, model_cfg, spec, rows)
+    peaks = chip(topology)
     state_parts = {"params": per_device_bytes(state.params),
                    "opt_state": per_device_bytes(state.opt_state),
                    "frozen": per_device_bytes(state.frozen) if state.frozen else 0,
@@ -225,7 +328,19 @@ def fit_check(config: ml_collections.ConfigDict, topology: str, *,
         temp_bytes=int(memory.temp_size_in_bytes),
         code_bytes=int(memory.generated_code_size_in_bytes),
         state_bytes=state_parts, batch_bytes=per_device_bytes(batch),
-        num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)))
+        num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+        attention_impl=model_cfg.attention_impl,
+        compiler_flops=float(cost.get("flops", 0.0)),
+        compiler_bytes=float(cost.get("bytes accessed", 0.0)),
+        model_flops=model_flops / len(devices), hardware_flops=hardware_flops / len(devices),
+        peak_flops=peaks.peak_flops, hbm_bandwidth=peaks.hbm_bandwidth)
+
+
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if x >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}"
 
 
 def format_report(check: FitCheck, config) -> str:
@@ -251,6 +366,20 @@ def format_report(check: FitCheck, config) -> str:
         f"  generated code    {_size(check.code_bytes)}",
         f"  total             {_size(check.total_bytes)}   of {check.hbm_bytes / GIB:.1f} GiB "
         f"({100 * check.total_bytes / check.hbm_bytes:.0f}%)",
+    ]
+    c = check
+    lines += [
+        f"roofline per chip (attention {c.attention_impl}; peak {c.peak_flops / 1e12:.0f} "
+        f"TFLOP/s bf16, HBM {c.hbm_bandwidth / 1e9:.0f} GB/s):",
+        f"  compiler (cost_analysis, each loop body once) {_si(c.compiler_flops, 'FLOP')}, "
+        f"{_si(c.compiler_bytes, 'B')} ({c.compiler_flops / max(c.compiler_bytes, 1):.0f} "
+        "FLOP/byte)",
+        f"  step: model {_si(c.model_flops, 'FLOP')}, hardware (with remat) "
+        f"{_si(c.hardware_flops, 'FLOP')}, HBM traffic {_si(c.hbm_bytes_accessed, 'B')}",
+        f"  step time >= {1e3 * c.roofline_seconds:.1f} ms ({c.bound}-bound: compute "
+        f"{1e3 * c.hardware_flops / c.peak_flops:.1f} ms, memory "
+        f"{1e3 * c.hbm_bytes_accessed / c.hbm_bandwidth:.1f} ms); MFU <= "
+        f"{100 * c.mfu_ceiling:.0f}%",
     ]
     free = (check.hbm_bytes - check.total_bytes) / GIB
     lines.append(f"FITS ({free:.1f} GiB free per device)" if check.fits else

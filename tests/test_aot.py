@@ -64,6 +64,44 @@ def test_quickstart_sft_fits_v5e_2x2(tmp_path):
     assert fit["alias_bytes"] >= state  # the donated state is updated in place
     assert 0 < fit["total_bytes"] < fit["hbm_bytes"] == 16 * 2**30
     assert fit["state_bytes"]["frozen"] == 0
+    # model.attention_impl="auto" resolves for the TPU compiled for, not this CPU host.
+    assert fit["attention_impl"] == "splash"
+    # Roofline against v5e's published peaks. Model FLOPs: 3 forward passes of 8 x 48
+    # tokens (no remat, tied embeddings), split over 4 chips.
+    cfg = ModelConfig.from_mapping(base_config().model)
+    forward = 2 * params + 2 * cfg.num_layers * 48 * cfg.num_heads * cfg.head_size
+    assert fit["model_flops"] == fit["hardware_flops"] == pytest.approx(3 * 8 * 48 * forward / 4)
+    assert (fit["peak_flops"], fit["hbm_bandwidth"]) == (197e12, 819e9)
+    # cost_analysis() is one device's program, its scanned layer loop counted once
+    # (2 layers -> about half the step); the whole program would count 4x that.
+    assert cfg.num_layers == 2
+    assert 0.3 * fit["model_flops"] < fit["compiler_flops"] < 0.8 * fit["model_flops"]
+    assert fit["compiler_bytes"] > 0
+    compute = fit["hardware_flops"] / fit["peak_flops"]
+    memory = fit["hbm_bytes_accessed"] / fit["hbm_bandwidth"]
+    assert fit["roofline_seconds"] == pytest.approx(max(compute, memory))
+    assert fit["bound"] == ("compute" if compute >= memory else "memory")
+    assert fit["mfu_ceiling"] == pytest.approx(
+        fit["model_flops"] / (fit["peak_flops"] * fit["roofline_seconds"]))
+    assert 0 < fit["mfu_ceiling"] <= 1
+    assert "roofline per chip (attention splash" in proc.stdout and "MFU <=" in proc.stdout
+
+
+def test_chip_table_and_long_sequence_variants():
+    assert set(aot.CHIPS) == {"v4", "v5e", "v5p", "v6e"}
+    assert aot.chip("v5p:2x4x4").peak_flops == 459e12
+    assert aot.hbm_bytes("v5p:2x4x4") == 95 * 2**30
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dpo_8b", os.path.join(ROOT, "configs",
+                                                                          "dpo_8b.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("seq32k,xla")
+    assert (config.data.max_length, config.data.batch_size) == (32768, 32)
+    assert config.model.attention_impl == "xla"
+    assert module.get_config("seq8k").model.attention_impl == "auto"
+    with pytest.raises(ValueError, match="seq8k"):
+        module.get_config("seq8k,seq32k")
 
 
 def test_quickstart_dpo_counts_the_reference_and_reports_no_fit(tmp_path):
