@@ -5,7 +5,8 @@ loop in WORKDIR/<stage>, each later stage starting from the SFT stage's model.
 `config.pipeline.<stage>` holds that stage's overrides in the config's own shape,
 e.g. `config.pipeline.dpo.train.num_steps = 100`. The summary table (gold reward,
 preference accuracy, KL, completion length for base, SFT and the aligned models)
-is printed and written to WORKDIR/summary.json, the curves to WORKDIR/curves.png.
+is printed and written to WORKDIR/summary.json, the curves (training metrics, held-out
+gold reward with its error band and KL to the start, per stage) to WORKDIR/curves.png.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import os
 from typing import Any
 
 import jax
-import matplotlib
 import ml_collections
 
 from jalign import loop
 from jalign.algorithms import ALGOS, get_algorithm
 from jalign.config_utils import resolve_start, validate_config
+from jalign.plots import plot_curves
 
 COLUMNS = (("gold_reward/greedy", "gold (greedy)"), ("gold_reward/sampled", "gold (sampled)"),
            ("accuracy", "pref. acc."), ("kl/ref", "KL to start"),
@@ -66,30 +67,6 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
         cells = "".join(f"{row[k]:>16.3f}" if k in row else f"{'-':>16}" for k, _ in COLUMNS)
         lines.append(f"{name:<10}{cells}")
     return "\n".join(lines)
-
-
-def plot_curves(workdir: str, stages: list[str], path: str) -> None:
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after choosing the non-interactive backend
-
-    keys = {"sft": ["loss"], "reward": ["loss", "accuracy"], "dpo": ["loss", "rewards/margins"],
-            "kto": ["loss", "rewards/margins"]}
-    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.4), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        path_metrics = os.path.join(workdir, stage, "metrics.jsonl")
-        if not os.path.exists(path_metrics):
-            continue
-        records = [json.loads(line) for line in open(path_metrics) if line.strip()]
-        for key in keys.get(stage, ["loss"]):
-            points = [(r["step"], r[key]) for r in records if key in r]
-            if points:
-                ax.plot(*zip(*points), label=key)
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def stages_of(config: ml_collections.ConfigDict) -> list[str]:
