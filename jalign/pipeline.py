@@ -52,7 +52,7 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, init_from: str):
     return cfg
 
 
-def _row(summary: dict, which: str) -> dict[str, float]:
+def table_row(summary: dict, which: str) -> dict[str, float]:
     entry = dict(summary.get(which) or {})
     for key in ("eval_rewards/accuracies", "eval_accuracy"):
         if key in entry:
@@ -106,9 +106,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
     rows = {}
     if "sft" in summaries:
-        rows["base"] = _row(summaries["sft"], "initial")
+        rows["base"] = table_row(summaries["sft"], "initial")
     for stage, summary in summaries.items():
-        rows[stage] = _row(summary, "final")
+        rows[stage] = table_row(summary, "final")
     out = {"stages": summaries, "table": rows}
     if jax.process_index() == 0:
         print(format_table(rows))

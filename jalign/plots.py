@@ -1,8 +1,8 @@
 """Training curves a reader looks at: the losses, and what they are for.
 
 One figure, one column per stage, rows: the stage's training metrics (metrics.jsonl),
-its held-out gold reward, greedy and sampled with +-1 sem bands, and KL to the model
-the stage started from (evals.jsonl). The margins of a preference stage can rise while
+its held-out gold reward, greedy and sampled with +-1 sem bands, KL to the model the
+stage started from and preference accuracy on held-out pairs (evals.jsonl). The margins of a preference stage can rise while
 its gold reward collapses; the rows below them show it.
 """
 
@@ -19,7 +19,8 @@ TRAIN_KEYS = {"sft": ("loss",), "reward": ("loss", "accuracy"),
               "dpo": ("loss", "rewards/margins"), "kto": ("loss", "rewards/margins")}
 # Held-out rows: title -> eval metrics drawn there (each with its NAME_sem band if logged).
 EVAL_PANELS = {"held-out gold reward": ("gold_reward/greedy", "gold_reward/sampled"),
-               "KL to start": ("kl/ref",)}
+               "KL to start": ("kl/ref",),
+               "held-out preference accuracy": ("eval_accuracy", "eval_rewards/accuracies")}
 
 
 def _records(path: str) -> list[dict]:

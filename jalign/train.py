@@ -1,10 +1,12 @@
 """The training command line.
 
     python -m jalign.train --config=configs/quickstart.py --workdir=/tmp/jalign_quickstart \
-        [--config.train.num_steps=200 ...] [--debug]
+        [--config.train.num_steps=200 ...] [--seeds=N] [--debug]
 
 Runs one algorithm (`jalign.loop.run`) or, when `config.pipeline.stages` is set, a
-multi-stage pipeline (`jalign.pipeline.run_pipeline`). A data or config error ends
+multi-stage pipeline (`jalign.pipeline.run_pipeline`). `--seeds=N` runs it with seeds
+0 .. N-1 in WORKDIR/seed_K and writes mean, std and 95% intervals over the seeds
+(`jalign.sweep`). A data or config error ends
 the command with one line, `error: ...` naming the file, line, field or config key,
 and exit status 2; `--debug` shows the full traceback instead.
 """
@@ -16,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jalign import distributed, loop, pipeline
+from jalign import distributed, loop, pipeline, sweep
 
 # Errors a user fixes in their data or config (jalign.data.DataError is a ValueError);
 # anything else is a bug and keeps its traceback.
@@ -27,12 +29,17 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/NAME.py file[:arg].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summary.json.")
+flags.DEFINE_integer("seeds", 0, "Run the config with seeds 0..N-1 in WORKDIR/seed_K and "
+                     "summarise them (mean, std, 95% t-interval); 0 = one run with config.seed.")
 flags.DEFINE_bool("debug", False, "Show the full Python traceback of a data or config error.")
 
 
-def train(config, workdir: str):
-    """One run or a pipeline, as the config says; returns the summary dict."""
+def train(config, workdir: str, seeds: int = 0):
+    """One run or a pipeline, as the config says (over `seeds` seeds if > 0); returns the
+    summary dict."""
     distributed.initialize(config)  # first: multi-process runs join their group here
+    if seeds:
+        return sweep.run_seeds(config, workdir, seeds)
     if config.pipeline.stages:
         return pipeline.run_pipeline(config, workdir)
     return loop.run(config, workdir)
@@ -42,7 +49,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax/absl INFO lines drown the progress bar
     try:
-        train(FLAGS.config, FLAGS.workdir)
+        train(FLAGS.config, FLAGS.workdir, FLAGS.seeds)
     except USER_ERRORS as e:
         if FLAGS.debug:
             raise

@@ -1,0 +1,64 @@
+"""Seeds as an axis (`python -m jalign.train --seeds=N`, jalign.sweep): each seed an
+ordinary run in WORKDIR/seed_K, the combined numbers a 95% t-interval over seeds."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from jalign import sweep
+from tests.train_helpers import parse_config, read_metrics
+
+
+def _check_spread(got, values):
+    """An independent formula: df = 1 makes Student's t Cauchy, t(0.975) = tan(0.475 pi)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = math.tan(0.475 * math.pi) * std / math.sqrt(n) if n == 2 else None
+    assert got["values"] == pytest.approx(values, abs=0)
+    assert got["mean"] == pytest.approx(mean, rel=1e-12)
+    assert got["std"] == pytest.approx(std, rel=1e-12)
+    assert got["half_width"] == pytest.approx(half, rel=1e-9)
+    assert got["low"] == pytest.approx(mean - half, rel=1e-9)
+    assert got["high"] == pytest.approx(mean + half, rel=1e-9)
+
+
+def test_t_quantiles_match_the_table():
+    for n, t in ((2, 12.706), (3, 4.303), (5, 2.776), (10, 2.262), (30, 2.045)):
+        assert sweep.t_quantile(n) == pytest.approx(t, abs=1e-3)
+    with pytest.raises(ValueError, match="at least 2"):
+        sweep.spread([0.5])
+
+
+def test_two_seeds_each_in_its_own_run_and_their_interval(tmp_path):
+    config = parse_config("--config.train.num_steps=2", "--config.train.eval_every=2",
+                          "--config.train.checkpoint_every=2", "--config.train.memory_report=False",
+                          "--config.eval.max_new_tokens=6")
+    workdir = str(tmp_path)
+    out = sweep.run_seeds(config, workdir, 2)
+    for k in (0, 1):
+        for name in ("summary.json", "evals.jsonl", "metrics.jsonl", "final_params", "checkpoints"):
+            assert os.path.exists(os.path.join(workdir, f"seed_{k}", name)), (k, name)
+    assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
+    assert json.load(open(os.path.join(workdir, "summary.json"))) == json.loads(json.dumps(out))
+    assert out["seeds"] == [0, 1] and out["interval"] == sweep.INTERVAL
+
+    per_seed = [json.load(open(os.path.join(workdir, f"seed_{k}", "summary.json"))) for k in (0, 1)]
+    finals = [s["final"] for s in per_seed]
+    losses = [read_metrics(os.path.join(workdir, f"seed_{k}"))[1]["loss"] for k in (0, 1)]
+    assert losses[0] != losses[1]  # the seed sets the init and the data
+    metrics = out["metrics"]["sft"]
+    for key in ("gold_reward/greedy", "gold_reward/sampled", "gold_reward/sampled_sem", "kl/ref",
+                "completions/mean_length"):
+        _check_spread(metrics[key], [f[key] for f in finals])
+    assert "step" not in metrics
+    for key in ("gold_reward/greedy", "kl/ref"):  # the table's columns
+        _check_spread(out["table"]["sft"][key], [f[key] for f in finals])
+    curve = sweep.seed_curves(per_seed, config)["sft"]["held-out gold reward"]["gold_reward/sampled"]
+    assert curve["step"] == [0, 2]
+    np.testing.assert_allclose(curve["value"],
+                               [np.mean([s["evals"][i]["gold_reward/sampled"] for s in per_seed])
+                                for i in (0, 1)])
