@@ -134,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
         reward_sources="gold",
         reward_weights=nullable(),
         reward_model="",          # a reward stage's WORKDIR/final_params for source "model"
+        # ... or a comma list of them, an ensemble combined as "mean", "uncertainty"
+        # (mean - reward_ensemble_lambda * std over the members) or "min"
+        reward_ensemble="mean", reward_ensemble_lambda=1.0,
         scale_rewards="group",    # GRPO: "group", "batch" or "none" (Dr. GRPO)
         loss_aggregation="grpo",  # "grpo", "bnpo", "dr_grpo", "dapo"
         clip_eps_low=0.2, clip_eps_high=0.2,   # DAPO clip-higher: clip_eps_high=0.28

@@ -6,7 +6,8 @@ batched, the rows' other dataset columns as keyword lists (plus
 function cannot score a sample (left out of that function's mean, and adding 0 to
 the weighted sum, as TRL does). `config.rl.reward_sources` names them: "gold" (a
 built-in task's gold reward), "model" (a trained jalign reward model,
-`config.rl.reward_model`), a built-in of `jalign.rewards` ("math_answer",
+`config.rl.reward_model`, or an ensemble of them: a comma list combined by
+`config.rl.reward_ensemble`, see `combine_ensemble`), a built-in of `jalign.rewards` ("math_answer",
 "think_answer_format", "soft_overlong:max=..,cache=..", ...) or
 "python:module.function"; `config.rl.reward_weights` weights them.
 
@@ -32,6 +33,34 @@ from jalign.data.sources import ORIGIN_KEY
 
 # Keywords jalign itself passes to every reward function, besides the data's columns.
 TRAINER_COLUMNS = ("completion_lengths",)
+
+
+# How an ensemble of reward models (config.rl.reward_ensemble) combines its members' scores.
+ENSEMBLE_COMBINATIONS = ("mean", "uncertainty", "min")
+
+
+def combine_ensemble(scores_KxN, how: str = "mean", *, lam: float = 1.0) -> np.ndarray:
+    """k reward models' scores of N samples -> one float32 score per sample.
+
+    "mean": the members' mean; "uncertainty": mean - lam * std, the std over the k
+    members (ddof=0: the members are the whole ensemble, and one member is the model
+    itself), Coste et al. 2023's uncertainty-weighted optimisation with the std as
+    the uncertainty; "min": the worst case, Coste et al.'s worst-case optimisation.
+
+    References: Coste, Anwar, Kirk, Krueger, "Reward Model Ensembles Help Mitigate
+    Overoptimization", arXiv:2310.02743.
+    """
+    scores = np.asarray(scores_KxN, np.float64)
+    if how == "mean":
+        out = scores.mean(0)
+    elif how == "uncertainty":
+        out = scores.mean(0) - lam * scores.std(0)
+    elif how == "min":
+        out = scores.min(0)
+    else:
+        raise ValueError(f"config.rl.reward_ensemble = {how!r} is not valid; "
+                         f"valid: {list(ENSEMBLE_COMBINATIONS)}")
+    return out.astype(np.float32)
 
 
 class RewardFunctionError(ValueError):

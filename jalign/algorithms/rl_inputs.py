@@ -18,7 +18,7 @@ import numpy as np
 from jalign.algorithms.common import (check_vocab, load_tokenizer, report_skips,
                                       report_truncation)
 from jalign.algorithms.reward_sources import (CombinedReward, build_sources, check_columns,
-                                              task_gold_reward)
+                                              combine_ensemble, task_gold_reward)
 from jalign.algorithms.rl_spec import RlSpec
 from jalign.checkpoint import load_params
 from jalign.data import SkipReport, TruncationReport, load_records
@@ -100,14 +100,26 @@ def rl_inputs(config, spec: RlSpec, model_cfg: ModelConfig) -> RlInputs:
     return RlInputs(tokenizer, task, train, held, reward, report, truncated)
 
 
+# One compile per model config and batch shape, shared by every reward model built.
+_sequence_scores = jax.jit(sequence_scores, static_argnums=(1, 3))
+
+
 def reward_model_fn(spec: RlSpec, model_cfg, tokenizer, max_length: int) -> Callable:
-    """A trained reward model (config.rl.reward_model) as a reward function."""
-    if not spec.reward_model:
+    """The trained reward model(s) of config.rl.reward_model as one reward function."""
+    if not spec.reward_model.strip(" ,"):
         raise ValueError("reward source 'model' needs config.rl.reward_model (a reward stage's "
-                         "WORKDIR/final_params)")
+                         "WORKDIR/final_params, or a comma list of them for an ensemble)")
+    return reward_ensemble_fn([p.strip() for p in spec.reward_model.split(",") if p.strip()],
+                              model_cfg, tokenizer, max_length, combine=spec.reward_ensemble,
+                              lam=spec.reward_ensemble_lambda)
+
+
+def reward_ensemble_fn(paths, model_cfg, tokenizer, max_length: int, *, combine: str = "mean",
+                       lam: float = 1.0) -> Callable:
+    """Saved reward models (one architecture, `model_cfg`) as one reward function: each
+    scores every sample, `combine_ensemble(scores, combine, lam=lam)` makes one score."""
     abstract = nn.meta.unbox(jax.eval_shape(scalar_model_init_fn(model_cfg), jax.random.PRNGKey(0)))
-    params = load_params(spec.reward_model, abstract)
-    score = jax.jit(lambda p, b: sequence_scores(p, model_cfg, b, b["tokens"].shape[0]))
+    members = [load_params(path, abstract) for path in paths]
 
     def reward_model(prompts, completions, **columns):
         del columns
@@ -122,7 +134,9 @@ def reward_model_fn(spec: RlSpec, model_cfg, tokenizer, max_length: int) -> Call
         batch = {"tokens": tokens, "segment_ids": (seq >= 0).astype(np.int32),
                  "positions": np.tile(np.arange(width, dtype=np.int32), (len(rows), 1)),
                  "sequence_index": seq}
-        return [float(x) for x in np.asarray(score(params, batch))]
+        scores_KxN = np.stack([np.asarray(_sequence_scores(params, model_cfg, batch, len(rows)))
+                               for params in members])
+        return [float(x) for x in combine_ensemble(scores_KxN, combine, lam=lam)]
     return reward_model
 
 

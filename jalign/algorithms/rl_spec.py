@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from jalign.algorithms.preference import PreferenceSpec, pair_spec
+from jalign.algorithms.reward_sources import ENSEMBLE_COMBINATIONS
 from jalign.losses.rl import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 
@@ -21,7 +22,7 @@ class RlSpec:
     temperature: float
     reward_sources: tuple[str, ...]
     reward_weights: tuple[float, ...]
-    reward_model: str
+    reward_model: str              # one path, or a comma list (an ensemble)
     kl_beta: float                 # GRPO's KL term / RLOO's KL penalty in the reward
     kl_estimator: str
     scale_rewards: str
@@ -41,6 +42,9 @@ class RlSpec:
     # DAPO dynamic sampling
     dynamic_sampling: bool = False
     dynamic_sampling_max_rounds: int = 4
+    # reward-model ensembles (source "model" with several paths)
+    reward_ensemble: str = "mean"
+    reward_ensemble_lambda: float = 1.0
     # online DPO: the pairwise loss (config.dpo)
     preference: PreferenceSpec | None = None
 
@@ -96,6 +100,10 @@ def rl_spec(config) -> RlSpec:
         raise ValueError("config.rl.dynamic_sampling_max_rounds must be >= 0, got "
                          f"{rl.dynamic_sampling_max_rounds!r}")
     rloo = algo == "rloo"
+    ensemble = _choice(rl, "reward_ensemble", ENSEMBLE_COMBINATIONS)
+    if float(rl.reward_ensemble_lambda) < 0:
+        raise ValueError("config.rl.reward_ensemble_lambda must be >= 0, got "
+                         f"{rl.reward_ensemble_lambda!r}")
     level = _choice(rl, "importance_sampling_level", ("token", "sequence"))
     dual_clip = float(rl.dual_clip)
     if dual_clip and dual_clip <= 1.0:
@@ -121,4 +129,5 @@ def rl_spec(config) -> RlSpec:
         kl_target=float(rl.kl_target) or None, kl_horizon=float(rl.kl_horizon),
         critic_init=rl.critic_init, dynamic_sampling=bool(rl.dynamic_sampling),
         dynamic_sampling_max_rounds=int(rl.dynamic_sampling_max_rounds),
+        reward_ensemble=ensemble, reward_ensemble_lambda=float(rl.reward_ensemble_lambda),
         preference=pair_spec(config, online=True) if algo == "online_dpo" else None)
