@@ -1,12 +1,16 @@
 """The KV-cache sampler: exact behaviour log-probs, greedy == uncached argmax, filters, stops."""
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jalign.generate import categorical_from_uniform, filter_logits, generate, left_pad
+from jalign.models import attention
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import Decoder, init_cache, logits_from_hidden, unstack_layers
 from jalign.steps.common import shifted_logprobs
@@ -139,3 +143,49 @@ def test_cached_decoder_reads_stacked_or_unstacked_layers():
     uncached = Decoder(CFG).apply({"params": PARAMS}, PROMPT, positions, MASK)
     np.testing.assert_allclose(np.asarray(outs[0][0]) * MASK[..., None],
                                np.asarray(uncached) * MASK[..., None], atol=1e-5)
+
+
+# The blocked decode path ("chunked", as "auto" picks from 1024 cache slots on CPU):
+# small key blocks (5) that do not divide the cache (6 + 10 slots), a sliding window
+# on alternate layers and soft-capping, against the dense "xla" reference.
+BLOCKED = dict(attention_block_kv=5, sliding_window=4, attn_logit_softcap=5.0,
+               layer_types=("sliding_attention", "full_attention"))
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_blocked_decode_equals_the_dense_reference(greedy):
+    kwargs = dict(max_new_tokens=10, eos_id=2, pad_id=0, greedy=greedy)
+    dense = dataclasses.replace(CFG, attention_impl="xla", **BLOCKED)
+    blocked = dataclasses.replace(CFG, attention_impl="chunked", **BLOCKED)
+    want = generate(PARAMS, dense, PROMPT, MASK, jax.random.PRNGKey(5), **kwargs)
+    got = generate(PARAMS, blocked, PROMPT, MASK, jax.random.PRNGKey(5), **kwargs)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(got.completion_mask), np.asarray(want.completion_mask))
+    np.testing.assert_allclose(np.asarray(got.logps), np.asarray(want.logps), rtol=1e-5, atol=1e-5)
+    # ...and both equal a full forward pass of the blocked model (trainer's log-probs).
+    logps, _ = shifted_logprobs(PARAMS, blocked, _batch(got.tokens, got.completion_mask))
+    forward = np.asarray(logps)[:, PROMPT.shape[1] - 1:] * np.asarray(got.completion_mask)
+    np.testing.assert_allclose(np.asarray(got.logps), forward, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_reads_only_the_filled_key_blocks():
+    b, s, nkv, g, d, block = 2, 40, 2, 2, 8, 8
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(b, 1, nkv * g, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, nkv, s, d)), jnp.float32) for _ in range(2))
+    start = 13  # slot of the new token, in block 1 of 5
+    valid = (np.arange(s)[None] <= start) & (np.arange(s)[None] != 3)  # slot 3: padding
+    valid = jnp.asarray(np.broadcast_to(valid, (b, s)), jnp.int32)
+    # Blocks past the filled one hold NaN: a pass over them would poison the output.
+    tail = np.arange(s) >= 2 * block
+    k_nan, v_nan = (jnp.where(tail[None, None, :, None], jnp.nan, x) for x in (k, v))
+    mask = (valid > 0)[:, None, None, None, :]
+    want = attention.xla_attention(q, k, v, mask, scale_divisor=np.sqrt(d), softcap=None,
+                                   cached=True)
+    for window in (None, 6):
+        ref = want if window is None else attention.xla_attention(
+            q, k, v, mask & (np.arange(s) > start - window)[None, None, None, None],
+            scale_divisor=np.sqrt(d), softcap=None, cached=True)
+        got = attention.cached_attention(q, k_nan, v_nan, valid, jnp.int32(start), window=window,
+                                         scale=1 / np.sqrt(d), block_kv=block)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)

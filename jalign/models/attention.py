@@ -10,8 +10,8 @@ keep packed sequences apart (0 = padding, which attends only to padding). Keys
 and values have `num_kv_heads` heads, each shared by a group of query heads (GQA).
 
 Implementations:
-  "xla"      the dense reference: float32 scores [B, heads, T, S] (also the path
-             of cached decoding, whatever the option).
+  "xla"      the dense reference: float32 scores [B, heads, T, S]; with a KV cache
+             (the sampler) over all S slots, filled or not, as before.
   "chunked"  plain JAX: query blocks x key blocks with an online softmax, visiting
              only the blocks the causal mask and the window leave; a custom_vjp
              whose backward recomputes each tile (FlashAttention-2, Dao 2023), so
@@ -24,6 +24,10 @@ Implementations:
   "auto"     splash on TPU; cudnn on GPU when it can express the config, else
              chunked; on CPU xla below AUTO_CHUNKED_MIN_TOKENS (1024) tokens and
              chunked from there. `resolve_impl` logs what it picked.
+
+Cached decoding (jalign.generate), for every option but "xla": the prompt's
+prefill attends within the prompt through the option above; each decode step runs
+`cached_attention`, key blocks up to the last filled slot with an online softmax.
 """
 
 from __future__ import annotations
@@ -409,6 +413,77 @@ def cudnn_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, sliding
     if sliding is True:
         return run(window)
     return lax.cond(sliding, lambda: run(window), lambda: run(None))
+
+
+# ------------------------------------------------------------------- cached decode
+
+class CachedSlots(NamedTuple):
+    """Cached decoding: the T new tokens sit at slots [start, start + T) of a KV cache
+    whose filled slots are `valid_BxS` > 0 (their own slots included)."""
+    valid_BxS: jax.Array
+    start: jax.Array | int
+    sliding: jax.Array | bool = False
+
+
+def cached_attention(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, valid_BxS, start, *, window=None,
+                     scale: float, softcap: float | None = None, block_kv: int = 512):
+    """New tokens at slots [start, start + T) attend to the valid cache slots at or
+    before their own (and within `window`, an int or traced int32; None: unbounded).
+
+    A loop over key blocks from the window's first to the one holding slot
+    start + T - 1, with an online softmax, so a decode step reads the filled part
+    of the cache only: float32 scores of [B, heads, T, block_kv] instead of
+    [B, heads, T, S] over the empty tail. A query with no visible key gets zeros.
+    """
+    b, t, nq, d = q_BxTxNxD.shape
+    nkv, s = k_BxKxSxD.shape[1], k_BxKxSxD.shape[2]
+    g = nq // nkv
+    bk = min(block_kv, s)
+    q = q_BxTxNxD.reshape(b, t, nkv, g, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    start = jnp.asarray(start, jnp.int32)
+    window = jnp.asarray(s + 1 if window is None else window, jnp.int32)
+    q_slot = start + jnp.arange(t, dtype=jnp.int32)
+
+    def kv_step(j, carry):
+        m, l, acc = carry
+        # The last block is shifted back to end at slot S; slots an earlier block
+        # already covered (below j * bk) are masked, so none counts twice.
+        k0 = jnp.minimum(j * bk, s - bk)
+        kj, vj = _sl(k_BxKxSxD, k0, bk, 2), _sl(v_BxKxSxD, k0, bk, 2)
+        k_slot = k0 + jnp.arange(bk, dtype=jnp.int32)
+        allowed = ((k_slot[None, :] <= q_slot[:, None]) & (k_slot[None, :] >= j * bk)
+                   & (q_slot[:, None] - k_slot[None, :] < window))  # [T, bk]
+        allowed = (allowed[None] & (_sl(valid_BxS, k0, bk, 1) > 0)[:, None, :])[:, None, None]
+        _, sc = _scores(q, kj, scale, softcap)  # [B, K, G, T, bk]
+        sc = jnp.where(allowed, sc, _NEG_BIG)
+        m_new = jnp.maximum(m, sc.max(-1))
+        p = jnp.where(allowed, jnp.exp(sc - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vj.dtype), vj,
+                        preferred_element_type=jnp.float32)
+        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+    init = (jnp.full((b, nkv, g, t), _NEG_BIG, jnp.float32),
+            jnp.zeros((b, nkv, g, t), jnp.float32), jnp.zeros((b, nkv, g, t, d), jnp.float32))
+    lo = jnp.maximum(0, start - window + 1) // bk
+    hi = (start + t - 1) // bk + 1
+    _, l, acc = lax.fori_loop(lo, hi, kv_step, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, nq, d).astype(q_BxTxNxD.dtype)
+
+
+def attend_cached(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, slots: CachedSlots, config: ModelConfig):
+    """`cached_attention` with the config's scale, soft-cap, window and key block."""
+    window, sliding = config.sliding_window, slots.sliding
+    if window is None or sliding is False:
+        window = None
+    elif sliding is not True:
+        window = jnp.where(sliding, window, k_BxKxSxD.shape[2] + 1)
+    return cached_attention(
+        q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, slots.valid_BxS, slots.start, window=window,
+        scale=1.0 / math.sqrt(config.query_pre_attn_scalar or config.head_size),
+        softcap=config.attn_logit_softcap,
+        block_kv=config.attention_block_kv or BlockSizes.get_default("chunked").block_kv)
 
 
 # ------------------------------------------------------------------------ dispatch

@@ -138,8 +138,10 @@ class Attention(nn.Module):
         (the other `config.attention_impl`s, which build the mask themselves).
 
         With `cache` = (k, v) [B, nkv, S, d], the new keys/values are written at
-        `cache_index` and attention runs over all S cache slots (the mask is then
-        [B, 1, 1, T, S]); returns (output, updated cache)."""
+        `cache_index`; returns (output, updated cache). Attention then runs over all S
+        cache slots (a dense [B, 1, 1, T, S] mask, "xla"), over the new tokens only
+        (`Segments`: the prefill of an empty cache) or over the filled key blocks
+        (`attention.CachedSlots`: decoding)."""
         c = self.config
         h, d, nq, nkv = c.hidden_size, c.head_size, c.num_heads, c.num_kv_heads
         dt = c.compute_dtype
@@ -157,6 +159,7 @@ class Attention(nn.Module):
         if c.qk_norm:
             q, k = RMSNorm(c, name="q_norm")(q), RMSNorm(c, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_new, v_new = k, v
         if cache is not None:
             # Slots after heads, so both attention products read the cache as it lies.
             k = jax.lax.dynamic_update_slice_in_dim(
@@ -165,7 +168,9 @@ class Attention(nn.Module):
                 cache[1], v.transpose(0, 2, 1, 3).astype(cache[1].dtype), cache_index, 2)
             cache = (k, v)
         if isinstance(mask_Bx1x1xTxS, attention.Segments):  # a kernel builds the mask
-            out = attention.attend(q, k, v, mask_Bx1x1xTxS, c)
+            out = attention.attend(q, k_new, v_new, mask_Bx1x1xTxS, c)  # no earlier slots
+        elif isinstance(mask_Bx1x1xTxS, attention.CachedSlots):
+            out = attention.attend_cached(q, k, v, mask_Bx1x1xTxS, c)
         else:
             if cache is None:
                 k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -209,7 +214,7 @@ class Block(nn.Module):
         if c.rope_local_theta is not None:
             cos = jnp.where(is_sliding, rope[1][0], cos)
             sin = jnp.where(is_sliding, rope[1][1], sin)
-        if isinstance(mask, attention.Segments):
+        if isinstance(mask, (attention.Segments, attention.CachedSlots)):
             mask = mask._replace(sliding=is_sliding if any(c.sliding_layers) else False)
         elif any(c.sliding_layers):
             mask = jnp.where(is_sliding, masks[1], mask)
@@ -276,21 +281,30 @@ class Decoder(nn.Module):
 
         rope_full = rope(False)
         rope_local = rope(True) if c.rope_local_theta is not None else rope_full
-        if cache is None and attention.resolve_impl(c, t) != "xla":
+        if cache is not None:
+            valid = jax.lax.dynamic_update_slice_in_dim(
+                cache["valid"], (segment_ids_BxT > 0).astype(cache["valid"].dtype), cache_index, 1)
+            cache = dict(cache, valid=valid)
+        dense = attention.resolve_impl(c, t if cache is None else valid.shape[1]) == "xla"
+        if cache is None and not dense:
             # The kernels build causal / segment / window masks from the ids: no [T, T] mask.
             segments = attention.Segments(segment_ids_BxT)
             masks = (segments, segments)
+        elif cache is not None and not dense:
+            # Prefilling an empty cache: the prompt attends within itself, through the
+            # attention_impl. Decoding: only the cache's filled key blocks.
+            prefill = isinstance(cache_index, int) and cache_index == 0
+            slots = (attention.Segments(segment_ids_BxT) if prefill
+                     else attention.CachedSlots(valid, cache_index))
+            masks = (slots, slots)
         elif cache is None:
             q_slot, k_slot = jnp.arange(t), jnp.arange(t)
             same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
         else:
-            valid = jax.lax.dynamic_update_slice_in_dim(
-                cache["valid"], (segment_ids_BxT > 0).astype(cache["valid"].dtype), cache_index, 1)
-            cache = dict(cache, valid=valid)
             q_slot = cache_index + jnp.arange(t)
             k_slot = jnp.arange(valid.shape[1])
             same_segment = jnp.broadcast_to(valid[:, None, :] > 0, (b, t, valid.shape[1]))
-        if cache is not None or attention.resolve_impl(c, t) == "xla":
+        if dense:
             causal = k_slot[None, :] <= q_slot[:, None]
             mask = (causal[None] & same_segment)[:, None, None]
             mask_sliding = mask
