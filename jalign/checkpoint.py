@@ -75,8 +75,15 @@ def save_params(path: str, params: Any) -> None:
         checkpointer.save(path, params, force=True)
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
-    """Reads a tree written by `save_params` onto the shardings in `abstract_params`."""
+def load_saved(path: str) -> Any:
+    """Reads a tree written by `save_params` as it was saved (structure, shapes and dtypes
+    from the checkpoint, on the default device): for tools that work on any model."""
+    path = _check_saved_dir(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path)
+
+
+def _check_saved_dir(path: str) -> str:
     path = os.path.abspath(path)
     if os.path.isfile(path):
         raise FileNotFoundError(
@@ -91,6 +98,12 @@ def load_params(path: str, abstract_params: Any) -> Any:
         raise ValueError(f"no saved model at {path}: the directory holds no Orbax checkpoint "
                          f"(found {sorted(os.listdir(path))[:5]}); expected one written by "
                          "jalign.checkpoint.save_params, e.g. an earlier stage's final_params")
+    return path
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+    """Reads a tree written by `save_params` onto the shardings in `abstract_params`."""
+    path = _check_saved_dir(path)
     with ocp.StandardCheckpointer() as checkpointer:
         try:
             saved = checkpointer.metadata(path)

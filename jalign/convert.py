@@ -18,6 +18,12 @@ adapters merged; to merge saved adapters into a base yourself, give the base as
 (its model.lora_rank / lora_alpha) as --model-config. --model-config is a JSON file (a ModelConfig
 dict, or a jalign config with a "model" key), a preset name (jalign.models.PRESETS)
 or a config file `configs/NAME.py[:arg]`. Safetensors only; nothing is unpickled.
+
+    python -m jalign.convert average --params=RM1/final_params,RM2/final_params,... --out=OUT
+
+writes OUT, the element-wise mean of the saved models' parameters (WARM, jalign.warm):
+reward models fine-tuned from one initialisation, used like any one of them (e.g.
+`--config.rl.reward_model=OUT`). The members must have one structure, shapes and dtypes.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import os
 import shutil
 import sys
 
-from jalign import checkpoint, lora
+from jalign import checkpoint, lora, warm
 from jalign.models import hf
 from jalign.models.config import PRESETS, ModelConfig
 
@@ -111,9 +117,19 @@ def main(argv=None) -> int:
     exp.add_argument("--hf-config", default=None,
                      help="a config.json to take bos/eos/pad token ids from (e.g. hf_config.json)")
     exp.add_argument("--max-shard-size", default="5GB")
+    avg = sub.add_parser("average", help="saved params -> their weight average (WARM)")
+    avg.add_argument("--params", required=True,
+                     help="comma-separated save_params folders, e.g. RUN/final_params")
+    avg.add_argument("--out", required=True, help="output folder (save_params)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "import":
+        if args.command == "average":
+            paths = [p for p in args.params.split(",") if p]
+            if len(paths) < 2:
+                raise ValueError(f"--params names {len(paths)} model(s); average needs 2 or more")
+            warm.average_saved(paths, args.out)
+            print(f"averaged {len(paths)} models into {args.out}")
+        elif args.command == "import":
             config = import_hf(args.hf, args.out, dtype=args.dtype)
             print(f"imported a {config.family} model ({config.num_params():,} parameters) "
                   f"into {args.out}")
