@@ -224,7 +224,10 @@ def test_precomputed_reference_gives_the_same_trajectory():
         s1, m1 = online(s1, b_online)
         s2, m2 = offline(s2, b_pre)
         np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
-    chex.assert_trees_all_close(s1.params, s2.params, rtol=1e-5, atol=1e-6)
+    # Step 1 differs in the last bits by design: the online reference is the policy itself
+    # (rewards exactly 0), the precomputed one a separate program's (~1e-6 off); Adam
+    # turns that into ~1e-6 on a few near-zero-gradient weights. Each update moves them ~1e-2.
+    chex.assert_trees_all_close(s1.params, s2.params, rtol=1e-5, atol=1e-5)
     assert float(m1["rewards/margins"]) > 0  # it learned something
 
 
