@@ -62,3 +62,26 @@ def test_two_seeds_each_in_its_own_run_and_their_interval(tmp_path):
     np.testing.assert_allclose(curve["value"],
                                [np.mean([s["evals"][i]["gold_reward/sampled"] for s in per_seed])
                                 for i in (0, 1)])
+
+
+def test_a_pipelines_stages_and_table_combine_over_seeds():
+    config = parse_config(config="configs/quickstart.py:test")
+
+    def run(seed):
+        sft = {"final": {"step": 6, "gold_reward/greedy": 0.5 + seed / 10, "kl/ref": 3.0 + seed},
+               "evals": [{"step": 0, "gold_reward/greedy": 0.0}, {"step": 6, "kl/ref": 1.0}]}
+        reward = {"final": {"step": 4, "eval_accuracy": 0.6 + seed / 20}, "evals": []}
+        return {"stages": {"sft": sft, "reward": reward},
+                "table": {"sft": {"gold_reward/greedy": sft["final"]["gold_reward/greedy"]},
+                          "reward": {"accuracy": reward["final"]["eval_accuracy"]}}}
+
+    runs = [run(k) for k in range(3)]
+    out = sweep.combine(runs, config, [0, 1, 2])
+    accuracy = out["table"]["reward"]["accuracy"]
+    assert accuracy["mean"] == pytest.approx(0.65) and accuracy["std"] == pytest.approx(0.05)
+    assert accuracy["half_width"] == pytest.approx(4.302653 * 0.05 / math.sqrt(3), rel=1e-6)
+    assert out["metrics"]["sft"]["kl/ref"]["values"] == [3.0, 4.0, 5.0]
+    assert "0.650 ± 0.124" in sweep.format_table(out["table"])
+    curves = sweep.seed_curves(runs, config)["sft"]
+    assert curves["held-out gold reward"]["gold_reward/greedy"]["step"] == [0]
+    assert curves["KL to start"]["kl/ref"]["step"] == [6]
