@@ -55,7 +55,8 @@ def curve_data(workdir: str, stages: list[str]) -> dict[str, dict[str, dict[str,
     return data
 
 
-def plot_panels(data: dict[str, dict[str, dict[str, dict]]], path: str) -> list[str]:
+def plot_panels(data: dict[str, dict[str, dict[str, dict]]], path: str,
+                title: str = "") -> list[str]:
     """Draws `curve_data`'s shape (a series may carry "low"/"high" band edges instead of
     a "sem") as one figure: a column per stage, a row per panel any stage has; returns
     the rows' titles."""
@@ -86,6 +87,8 @@ def plot_panels(data: dict[str, dict[str, dict[str, dict]]], path: str) -> list[
             ax.set_title(f"{stage}: {panel}")
             ax.set_xlabel("step")
             ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -156,7 +156,8 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, num_seeds: int, *
     if jax.process_index() == 0:
         print(f"{num_seeds} seeds, {INTERVAL}:")
         print(format_table(out["table"]))
-        plot_panels(seed_curves(summaries, config), os.path.join(workdir, "curves.png"))
+        plot_panels(seed_curves(summaries, config), os.path.join(workdir, "curves.png"),
+                    title=f"mean over {num_seeds} seeds, band: 95% t-interval")
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(out, f, indent=2)
     return out
