@@ -1,8 +1,9 @@
 """Best-of-n sampling against any reward source, as an evaluation (and as a policy).
 
-For each held-out prompt, n completions are sampled from the policy, a reward
-function (a proxy: a reward model, an ensemble, a verifier; TRL's calling
-convention `fn(prompts, completions) -> list[float | None]`) scores them, and the
+For each held-out prompt, n completions are sampled from the policy, a reward (a
+proxy: a reward model, an ensemble, WARM, a verifier; `score_fn(indices, completions,
+lengths)` as `jalign.evaluate.evaluate_policy` calls it, or an RL run's reward sources
+through `jalign.algorithms.rl_inputs.best_of_n_evaluator`) scores them, and the
 highest-scoring one is kept. The kept completion's gold reward against the analytical
 KL of the best-of-n policy to the sampling policy,
 
@@ -53,16 +54,16 @@ class BestOfN(NamedTuple):
 
 
 def sample_best_of_n(params, config, tokenizer, prompt_ids: Sequence[Sequence[int]],
-                     prompts: Sequence[str], reward_fn: Callable, *, n: int,
-                     max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
-                     batch_size: int = 64) -> BestOfN:
-    """n sampled completions per prompt (`prompt_ids`: token ids, BOS included; `prompts`:
-    their texts, for the reward function), scored by `reward_fn`, the best chosen."""
+                     score_fn: Callable, *, n: int, max_new_tokens: int, seed: int = 0,
+                     temperature: float = 1.0, batch_size: int = 64) -> BestOfN:
+    """n sampled completions per prompt (`prompt_ids`: token ids, BOS included), scored
+    by `score_fn(indices, completions, lengths) -> scores` (the prompt index of each
+    sample, its text, its length in tokens; NaN or None = unscored), the best kept."""
     prompts_per_batch = max(1, batch_size // n)
     rng = jax.random.PRNGKey(seed)
     completions, rewards = [], []
-    for start in range(0, len(prompts), prompts_per_batch):
-        indices = list(range(start, min(start + prompts_per_batch, len(prompts))))
+    for start in range(0, len(prompt_ids), prompts_per_batch):
+        indices = list(range(start, min(start + prompts_per_batch, len(prompt_ids))))
         rows = [list(prompt_ids[i]) for i in indices for _ in range(n)]
         size = prompts_per_batch * n
         rows += [rows[-1]] * (size - len(rows))  # fixed shapes: one compile
@@ -71,9 +72,10 @@ def sample_best_of_n(params, config, tokenizer, prompt_ids: Sequence[Sequence[in
         out = generate(params, config, tokens, mask, jax.random.fold_in(rng, start),
                        max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                        pad_id=tokenizer.pad_id, temperature=temperature)
-        texts = decode_completions(tokenizer, out.tokens[:, width:], out.completion_mask)
-        texts = texts[:len(indices) * n]
-        scores = reward_fn([prompts[i] for i in indices for _ in range(n)], texts)
+        count = len(indices) * n
+        texts = decode_completions(tokenizer, out.tokens[:, width:], out.completion_mask)[:count]
+        lengths = np.asarray(out.completion_mask).sum(-1)[:count]
+        scores = score_fn([i for i in indices for _ in range(n)], texts, lengths)
         scores = np.asarray([np.nan if s is None else s for s in scores], np.float64)
         completions += [texts[j * n:(j + 1) * n] for j in range(len(indices))]
         rewards.append(scores.reshape(len(indices), n))

@@ -1,5 +1,5 @@
 """Best-of-n (jalign.best_of_n): the selection's KL against log n - (n-1)/n, and the
-sampled evaluation keeping each prompt's highest-reward completion."""
+sampled evaluation keeping each prompt's highest-reward completion by a run's reward."""
 
 import math
 
@@ -9,11 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jalign.best_of_n import best_of_n_kl, best_of_n_metrics, sample_best_of_n, select_best
+from jalign.algorithms.rl_inputs import best_of_n_evaluator, rl_inputs
+from jalign.algorithms.rl_spec import rl_spec
+from jalign.best_of_n import best_of_n_kl, select_best
+from jalign.config_utils import base_config
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import Decoder
-from jalign.tasks import get_task
 from jalign.tokenizer import builtin_tokenizer
+from tests import rl_reward_fns
 
 
 @pytest.mark.parametrize("weights", ["uniform", "dirichlet"])
@@ -40,28 +43,30 @@ def test_select_best_takes_the_first_maximum_and_skips_unscored():
 
 
 def test_best_of_n_keeps_each_prompts_highest_reward_completion():
-    task, tokenizer = get_task("sort"), builtin_tokenizer()
+    """Through an RL config's reward sources (a python proxy) on a task's held-out prompts."""
+    config = base_config()
+    config.algo, config.data.task, config.data.num_train_examples = "grpo", "sort", 16
+    config.data.max_length, config.data.max_prompt_length = 48, 32
+    config.rl.reward_sources = "python:tests.rl_reward_fns.digit_fraction"
+    config.eval.num_prompts, config.eval.max_new_tokens, config.eval.batch_size = 5, 6, 8
+    tokenizer = builtin_tokenizer()
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
                       num_kv_heads=1, intermediate_size=32)
     params = nn.meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, 8), jnp.int32))["params"])
-    prompts = task.prompts(5, seed=1, split="eval")
-    prompt_ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    inputs = rl_inputs(config, rl_spec(config), cfg)
+    metrics, samples = best_of_n_evaluator(config, cfg, inputs, n=4)(params)
 
-    def proxy(prompts, completions):  # any reward source: here distinct characters, then length
-        return [len(set(c)) + len(c) / 100 for c in completions]
-
-    samples = sample_best_of_n(params, cfg, tokenizer, prompt_ids, prompts, proxy, n=4,
-                               max_new_tokens=6, seed=3, batch_size=8)
+    prompts = [r["prompt"] for r in inputs.eval_records]
     assert samples.rewards.shape == (5, 4) and len(samples.completions) == 5
     assert any(len(set(row)) > 1 for row in samples.completions)  # n independent draws
     for row, rewards, chosen, best in zip(samples.completions, samples.rewards, samples.chosen,
                                           samples.best):
-        np.testing.assert_allclose(rewards, proxy(None, row))
-        assert best == row[int(np.argmax(proxy(None, row)))] and best == row[chosen]
-    metrics = best_of_n_metrics(samples, prompts, task.gold_reward)
+        proxy = rl_reward_fns.digit_fraction(None, row)
+        np.testing.assert_allclose(rewards, proxy, rtol=1e-6)
+        assert best == row[int(np.argmax(proxy))] and best == row[chosen]
     assert metrics["best_of_n/kl"] == pytest.approx(math.log(4) - 0.75)
     assert metrics["best_of_n/proxy_reward"] == pytest.approx(samples.rewards.max(1).mean())
-    assert metrics["best_of_n/gold_reward"] == pytest.approx(
-        float(np.mean(task.gold_reward(prompts, samples.best))))
+    gold = inputs.task.gold_reward(prompts, samples.best)
+    assert metrics["best_of_n/gold_reward"] == pytest.approx(float(np.mean(gold)))
     assert np.isfinite(metrics["best_of_n/gold_reward_sem"])

@@ -20,6 +20,7 @@ from jalign.algorithms.common import (check_vocab, load_tokenizer, report_skips,
 from jalign.algorithms.reward_sources import (CombinedReward, build_sources, check_columns,
                                               combine_ensemble, task_gold_reward)
 from jalign.algorithms.rl_spec import RlSpec
+from jalign.best_of_n import best_of_n_metrics, sample_best_of_n
 from jalign.checkpoint import load_params
 from jalign.data import SkipReport, TruncationReport, load_records
 from jalign.data.prompts import (PROMPT_IDS_KEY, make_prompt_dataset, prepare_prompt_records,
@@ -169,6 +170,33 @@ def rl_evaluator(config, model_cfg: ModelConfig, spec: RlSpec, inputs: RlInputs)
                                max_new_tokens=config.eval.max_new_tokens, seed=config.seed,
                                ref_params=start_params, batch_size=config.eval.batch_size,
                                temperature=config.eval.temperature)
+    return evaluate
+
+
+def best_of_n_evaluator(config, model_cfg: ModelConfig, inputs: RlInputs, *, n: int):
+    """params -> (best_of_n/* metrics, the BestOfN samples) on the held-out prompts: n samples
+    each (config.eval's max_new_tokens, temperature, batch_size), the best by the run's
+    reward (config.rl.reward_sources, weighted: gold, a reward model, an ensemble, WARM,
+    a verifier), its gold reward when the prompts are a built-in task's."""
+    held = inputs.eval_records
+    if not held:
+        raise ValueError("best-of-n needs held-out prompts (a built-in task or "
+                         "config.data.eval_path)")
+
+    def score_fn(indices, completions, lengths):
+        rows = [held[i] for i in indices]
+        total, _ = inputs.reward.scores(rows, [r["prompt"] for r in rows], completions, lengths)
+        return total
+
+    gold = inputs.task.gold_reward if inputs.task is not None else None
+
+    def evaluate(params):
+        samples = sample_best_of_n(params, model_cfg, inputs.tokenizer,
+                                   [r[PROMPT_IDS_KEY] for r in held], score_fn, n=n,
+                                   max_new_tokens=config.eval.max_new_tokens, seed=config.seed,
+                                   temperature=config.eval.temperature,
+                                   batch_size=config.eval.batch_size)
+        return best_of_n_metrics(samples, [r["prompt"] for r in held], gold), samples
     return evaluate
 
 
