@@ -3,7 +3,8 @@
 Public pieces: `jalign.losses` (pure preference losses), `jalign.ops.token_logprobs`
 (the fused log-prob op), `jalign.steps` (step factories), `jalign.models`,
 `jalign.data`, `jalign.tasks`, `jalign.rewards` (verifiable reward functions),
-`jalign.state.TrainState`, and the training entry point `python -m jalign.train`.
+`jalign.state.TrainState`, `jalign.best_of_n` and `jalign.warm` (over-optimisation tools),
+and the training entry point `python -m jalign.train` (`--seeds=N`: `jalign.sweep`).
 """
 
 # Before anything touches JAX's backends: on a CPU-only host with libtpu installed (the
