@@ -2,8 +2,9 @@
 
 One figure, one column per stage, rows: the stage's training metrics (metrics.jsonl),
 its held-out gold reward, greedy and sampled with +-1 sem bands, KL to the model the
-stage started from and preference accuracy on held-out pairs (evals.jsonl). The margins of a preference stage can rise while
-its gold reward collapses; the rows below them show it.
+stage started from and preference accuracy on held-out pairs (evals.jsonl). The
+margins of a preference stage can rise while its gold reward collapses; the rows
+below them show it.
 """
 
 from __future__ import annotations

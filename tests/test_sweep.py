@@ -57,7 +57,8 @@ def test_two_seeds_each_in_its_own_run_and_their_interval(tmp_path):
     assert "step" not in metrics
     for key in ("gold_reward/greedy", "kl/ref"):  # the table's columns
         _check_spread(out["table"]["sft"][key], [f[key] for f in finals])
-    curve = sweep.seed_curves(per_seed, config)["sft"]["held-out gold reward"]["gold_reward/sampled"]
+    curves = sweep.seed_curves(per_seed, config)["sft"]
+    curve = curves["held-out gold reward"]["gold_reward/sampled"]
     assert curve["step"] == [0, 2]
     np.testing.assert_allclose(curve["value"],
                                [np.mean([s["evals"][i]["gold_reward/sampled"] for s in per_seed])
