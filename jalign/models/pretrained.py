@@ -124,11 +124,15 @@ def find(path: str) -> Pretrained:
                           _tokenizer_dir(path, parent))
     if os.path.exists(config_json):
         hf._weight_map(path)  # raises "no *.safetensors in ..." (naming pickle files if any)
+    found = sorted(os.listdir(path))
+    pickles = [f for f in found if f.endswith((".pkl", ".pickle", ".bin", ".pt", ".pth"))]
+    hint = (f"; {pickles[0]} looks pickled, and jalign never unpickles (convert a Hugging Face "
+            "model to safetensors)" if pickles else "")
     raise ValueError(
-        f"config.init_from={path!r} holds no model jalign can start from (found "
-        f"{sorted(os.listdir(path))[:6]}); expected a Hugging Face folder (config.json + "
-        "*.safetensors), a `python -m jalign.convert import` folder (model_config.json + "
-        "params/) or a run's WORKDIR/final_params")
+        f"config.init_from={path!r} holds no model jalign can start from (found {found[:6]}); "
+        "expected a Hugging Face folder (config.json + *.safetensors), a `python -m "
+        "jalign.convert import` folder (model_config.json + params/) or a run's "
+        f"WORKDIR/final_params{hint}")
 
 
 def _normal(value):
