@@ -294,3 +294,23 @@ def test_initialize_after_devices_are_touched_says_so():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "must run before anything touches devices" in proc.stderr
+
+
+def test_grpo_two_processes_with_prompts_of_different_widths(tmp_path):
+    """Each process pads its prompts to one width agreed by all: prompts of 7 to 116
+    characters, so each process's own longest (rounded to 16) differs at some step."""
+    rows = [{"prompt": "Sort: " + "b" * ((k * 37) % 110 + 1), "answer": "b"} for k in range(32)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = [f"--config.data.path={path}", f"--config.data.eval_path={path}",
+             "--config.rl.reward_sources=math_answer", "--config.data.max_prompt_length=128",
+             "--config.train.eval_every=0", "--config.train.eval_at_start=False",
+             "--config.train.async_checkpointing=False", "--config.train.memory_report=False"]
+    proc = subprocess.run(
+        ["bash", LAUNCH, "-n", "2", "-k", "2", "--timeout=240", "--",
+         sys.executable, "-m", "jalign.train", "--config=configs/grpo_jsonl.py:test",
+         f"--workdir={tmp_path / 'run'}", *flags],
+        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
+    _check(proc, "GRPO, 2 processes x 2 devices")
+    metrics = _metrics(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(metrics) == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics.values())

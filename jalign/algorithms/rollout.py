@@ -92,7 +92,8 @@ def sample_and_score(state, params, records: Sequence[Mapping], *, sampler, toke
     """
     repeated = [r for r in records for _ in range(group_size)]
     encoded = [list(r[PROMPT_IDS_KEY]) for r in repeated]
-    prompt, mask = left_pad(encoded, tokenizer.pad_id, -(-max(len(e) for e in encoded) // 16) * 16)
+    width = _agreed_max(-(-max(len(e) for e in encoded) // 16) * 16)
+    prompt, mask = left_pad(encoded, tokenizer.pad_id, width)
     put = functools.partial(jax.make_array_from_process_local_data, sharding)
     batch, completion, completion_mask = sampler(params, state.rng, state.step, round_,
                                                  put(prompt), put(mask))
@@ -128,6 +129,14 @@ class _TieWatch:
                   "that sometimes does (config.init_from = an SFT stage's final_params), shape "
                   "the reward, or set config.rl.dynamic_sampling=True.", flush=True)
         self.steps += 1
+
+
+def _agreed_max(value: int) -> int:
+    """The largest of every process's `value` (each process's prompts are padded to one
+    width, so that the global prompt array has one shape)."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
 
 
 def _any_process(flag: bool) -> bool:
