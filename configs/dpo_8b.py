@@ -31,6 +31,7 @@ Variants (`--config=configs/dpo_8b.py:VARIANT[,VARIANT]`):
   seq8k   8192 tokens per sequence (prompts up to 4096), 32 pairs per step (the
           fewest v5p-64's 32 chips split evenly): 64 rows, 2 per chip, 524k tokens.
   seq32k  32768 tokens per sequence (prompts up to 16384), 32 pairs: 2.1M tokens.
+          Fit on v5p-64 with splash: 16.5 GiB a chip at 8k, 89.2 GiB at 32k.
   xla     model.attention_impl="xla" (dense [T, T] scores), the "before" of the
           long-sequence fit checks (benchmarks/RESULTS.md "Fit check at 8k and 32k"):
 
