@@ -22,8 +22,8 @@ attention and log-prob loops). So the compute term uses the analytic hardware
 FLOPs of the step (`step_flops`: 6 N per trained token, 2 N per reference token,
 causal attention, remat's recomputed forward), and the memory term the compiler's
 bytes, a lower bound on the traffic: the bound stays a bound. The report adds the
-traffic scaled by the loops as the FLOPs are, an estimate. `model.attention_impl=auto` resolves for the TPU
-(splash), not for this host.
+traffic scaled by the loops as the FLOPs are, an estimate.
+`model.attention_impl=auto` resolves for the TPU (splash), not for this host.
 
 Topologies are libtpu names, "GEN:AxB[xC]" in chips: v5e:2x2 (v5e-4), v5p:2x2x2
 (v5p-16: v5p slices count 2 TensorCores per chip), v5p:2x4x4 (v5p-64), v6e:4x4,
