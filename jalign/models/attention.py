@@ -212,6 +212,19 @@ def _q_range(j, bq, bk, nq, window):
     return lo, hi
 
 
+def _online_softmax_step(carry, s, allowed, v_tile):
+    """One key tile of the online softmax: carry (running max m, normaliser l, weighted
+    values acc) updated with scores `s` [..., q, k] where `allowed`, values [.., k, D]."""
+    m, l, acc = carry
+    s = jnp.where(allowed, s, _NEG_BIG)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v_tile.dtype), v_tile,
+                    preferred_element_type=jnp.float32)
+    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+
 def _sl(x, start, size, axis):
     return lax.dynamic_slice_in_dim(x, start, size, axis)
 
@@ -225,17 +238,10 @@ def _chunked_fwd_impl(q, k, v, seg, window, *, scale, softcap, bq, bk):
         qi, seg_q = _sl(q, i * bq, bq, 3), _sl(seg, i * bq, bq, 1)
 
         def kv_step(j, carry):
-            m, l, acc = carry
             kj, vj, seg_k = _sl(k, j * bk, bk, 2), _sl(v, j * bk, bk, 2), _sl(seg, j * bk, bk, 1)
             _, s = _scores(qi, kj, scale, softcap)
             allowed = _tile_mask(i * bq, j * bk, bq, bk, seg_q, seg_k, window)
-            s = jnp.where(allowed, s, _NEG_BIG)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
-            corr = jnp.exp(m - m_new)
-            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), vj,
-                            preferred_element_type=jnp.float32)
-            return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+            return _online_softmax_step(carry, s, allowed, vj)
 
         init = (jnp.full((b, nkv, g, bq), _NEG_BIG, jnp.float32),
                 jnp.zeros((b, nkv, g, bq), jnp.float32),
@@ -445,7 +451,6 @@ def cached_attention(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, valid_BxS, start, *, windo
     q_slot = start + jnp.arange(t, dtype=jnp.int32)
 
     def kv_step(j, carry):
-        m, l, acc = carry
         # The last block is shifted back to end at slot S; slots an earlier block
         # already covered (below j * bk) are masked, so none counts twice.
         k0 = jnp.minimum(j * bk, s - bk)
@@ -455,13 +460,7 @@ def cached_attention(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, valid_BxS, start, *, windo
                    & (q_slot[:, None] - k_slot[None, :] < window))  # [T, bk]
         allowed = (allowed[None] & (_sl(valid_BxS, k0, bk, 1) > 0)[:, None, :])[:, None, None]
         _, sc = _scores(q, kj, scale, softcap)  # [B, K, G, T, bk]
-        sc = jnp.where(allowed, sc, _NEG_BIG)
-        m_new = jnp.maximum(m, sc.max(-1))
-        p = jnp.where(allowed, jnp.exp(sc - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vj.dtype), vj,
-                        preferred_element_type=jnp.float32)
-        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+        return _online_softmax_step(carry, sc, allowed, vj)
 
     init = (jnp.full((b, nkv, g, t), _NEG_BIG, jnp.float32),
             jnp.zeros((b, nkv, g, t), jnp.float32), jnp.zeros((b, nkv, g, t, d), jnp.float32))
