@@ -286,13 +286,15 @@ def _batch_info(host_batch) -> str:
 def _device_batch(batch: dict[str, Any], sharding) -> dict[str, jax.Array]:
     """Host arrays become global arrays; arrays already on the devices (an RL rollout
     built there, batch-sharded) pass through without a round trip to the host."""
-    ways = int(np.prod([sharding.mesh.shape[a] for a in ("data", "fsdp") if a in sharding.mesh.shape]))
+    axes = sharding.spec[0] if len(sharding.spec) else None  # the batch dimension's mesh axes
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    ways = int(np.prod([sharding.mesh.shape[a] for a in axes]))
     for key, value in batch.items():
         rows = np.shape(value)[0] * (1 if isinstance(value, jax.Array) else jax.process_count())
         if rows % ways:
             raise ValueError(
                 f"a batch of {rows} rows ({key!r}) cannot be split over the {ways} devices of the "
-                f"mesh's data x fsdp axes: make config.data.batch_size a multiple of {ways} "
+                f"mesh axes {' x '.join(axes)}: make config.data.batch_size a multiple of {ways} "
                 "(sequences; pairs count twice, RL prompts x rl.group_size), or set config.mesh")
     return {k: v if isinstance(v, jax.Array) else
             jax.make_array_from_process_local_data(sharding, np.asarray(v))
