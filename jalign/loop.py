@@ -150,7 +150,8 @@ def _build(config, workdir: str) -> _Run:
     state, state_shardings = init_train_state(
         setup.params_init_fn or decoder_init_fn(model_cfg), optimizer, mesh, rules,
         seed=config.seed, load_params=setup.load_params, with_reference=setup.with_reference,
-        frozen_extra=setup.frozen_extra, model_cfg=model_cfg)
+        frozen_extra=setup.frozen_extra, model_cfg=model_cfg,
+        frozen_subtrees=setup.frozen_subtrees)
     batch_sharding = shd.data_sharding(mesh, rules)
     step_fn = count_input_tokens(skip_nonfinite(algo.make_step(config, model_cfg, spec, optimizer)))
     p_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),

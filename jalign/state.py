@@ -3,7 +3,8 @@
 `TrainState` is a pytree of (step, params, opt_state, rng, frozen). `frozen` holds
 trees that are used but not trained, sharded like the params, with no optimizer
 state: `"reference"` (DPO's frozen reference), `"base"` (LoRA's frozen base, of
-which `params` holds only the adapters), `"kl_coef"` (PPO). `make_state_fn` /
+which `params` holds only the adapters), `"kl_coef"` (PPO), `"teacher"` (distillation's
+teacher, a frozen subtree of the initial params: `frozen_subtrees`). `make_state_fn` /
 `init_train_state` build a state (already sharded) from an init function; the loop,
 the fit check (`jalign.aot`), tests and benchmarks all use them.
 """
@@ -62,7 +63,8 @@ def is_lora(state: TrainState) -> bool:
 
 
 def make_state_fn(optimizer, *, seed: int, with_reference: bool | str = False,
-                  frozen_extra: dict | None = None, model_cfg: ModelConfig | None = None):
+                  frozen_extra: dict | None = None, model_cfg: ModelConfig | None = None,
+                  frozen_subtrees: tuple[str, ...] = ()):
     """params -> TrainState: how a state is built from params.
 
     With `with_reference`, a frozen copy of the params (or of their subtree it
@@ -71,12 +73,18 @@ def make_state_fn(optimizer, *, seed: int, with_reference: bool | str = False,
     only the adapters (and scalar heads) are trained and get optimizer state; the
     rest is `frozen["base"]`, stored as `lora_base_dtype` / quantised. No
     reference copy is made then: the base without adapters *is* the reference.
-    Works on boxed (logically annotated) and plain trees alike.
+    `frozen_subtrees` names top-level entries of the params (e.g. a distillation
+    teacher of another architecture) moved to `frozen` before anything else: they are
+    initialised, loaded and sharded by their own logical axes like the params, and
+    get no optimizer state. Works on boxed (logically annotated) and plain trees alike.
     """
     use_lora = model_cfg is not None and model_cfg.lora_rank > 0
 
     def state_from_params(params):
         frozen = dict(frozen_extra or {})
+        if frozen_subtrees:
+            params = dict(params)
+            frozen.update({name: params.pop(name) for name in frozen_subtrees})
         if use_lora:
             params, base = lora.split(params)
             frozen["base"] = lora.freeze_base(base, model_cfg)
@@ -96,11 +104,12 @@ def abstract_with_shardings(tree, shardings):
 
 def abstract_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
                          with_reference: bool | str = False, frozen_extra: dict | None = None,
-                         model_cfg: ModelConfig | None = None):
+                         model_cfg: ModelConfig | None = None, frozen_subtrees: tuple[str, ...] = ()):
     """(state as sharded ShapeDtypeStructs, state shardings), without allocating anything:
     the derivation `init_train_state` uses, stopped before any array exists."""
     state_from_params = make_state_fn(optimizer, seed=seed, with_reference=with_reference,
-                                      frozen_extra=frozen_extra, model_cfg=model_cfg)
+                                      frozen_extra=frozen_extra, model_cfg=model_cfg,
+                                      frozen_subtrees=frozen_subtrees)
     boxed = jax.eval_shape(lambda r: state_from_params(params_init_fn(r)),
                            jax.ShapeDtypeStruct((2,), jnp.uint32))
     shardings = shd.logical_shardings(boxed, mesh, rules)
@@ -109,7 +118,8 @@ def abstract_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
 
 def init_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
                      load_params=None, with_reference: bool | str = False,
-                     frozen_extra: dict | None = None, model_cfg: ModelConfig | None = None):
+                     frozen_extra: dict | None = None, model_cfg: ModelConfig | None = None,
+                     frozen_subtrees: tuple[str, ...] = ()):
     """Creates the train state already sharded (the full model never sits on one device).
 
     `params_init_fn(rng)` returns logically-annotated (boxed) params, e.g.
@@ -120,7 +130,8 @@ def init_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
     `model_cfg`): see `make_state_fn`. Returns (state, state_shardings).
     """
     state_from_params = make_state_fn(optimizer, seed=seed, with_reference=with_reference,
-                                      frozen_extra=frozen_extra, model_cfg=model_cfg)
+                                      frozen_extra=frozen_extra, model_cfg=model_cfg,
+                                      frozen_subtrees=frozen_subtrees)
     key = jax.random.PRNGKey(seed)
     boxed_params = jax.eval_shape(params_init_fn, key)
     param_shardings = shd.logical_shardings(boxed_params, mesh, rules)

@@ -18,6 +18,7 @@ class AlgorithmSetup:
     load_params: Callable | None = None          # abstract params -> starting params
     with_reference: bool | str = False           # frozen copy (of a subtree) as state.frozen["reference"]
     frozen_extra: dict | None = None             # other frozen state (e.g. {"kl_coef": ...})
+    frozen_subtrees: tuple[str, ...] = ()        # params entries moved to state.frozen (a teacher)
     evaluate: Callable[..., dict] | None = None  # (params, start_params) -> metrics
     summarize: Callable[..., dict] | None = None
     prepare: Callable[..., None] | None = None   # (start_params) -> None, before data is read
