@@ -32,10 +32,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jalign.ops._divergence_chunked import token_divergence_chunked
 from jalign.ops._reference import project_logits, transform_logits
 from jalign.ops.logprobs import BlockSizes
 
 IMPLS = ("auto", "xla", "chunked", "pallas_tpu")
+_KERNELS = {"chunked": token_divergence_chunked}
 
 
 def token_divergence_xla(hs_NxH, ws_HxV, ht_NxH, wt_HxV, *, beta: float, temperature: float,
@@ -134,18 +136,7 @@ def token_divergence(student_hidden, student_unembed, teacher_hidden, teacher_un
         out_N = token_divergence_xla(hs, ws, ht, wt, **options)
     else:
         blocks = block_sizes or BlockSizes.get_default(impl=impl)
-        if impl == "chunked":
-            from_impl = _chunked_impl()
-        else:
-            from_impl = _pallas_tpu_impl()
-        out_N = from_impl(hs, ws, ht, wt, block_tokens=blocks.block_tokens,
-                          block_vocab=blocks.block_vocab, **options)
+        out_N = _KERNELS[impl](hs, ws, ht, wt, block_tokens=blocks.block_tokens,
+                               block_vocab=blocks.block_vocab, **options)
     return out_N.reshape(lead_shape)
 
-
-def _chunked_impl():
-    raise NotImplementedError("impl='chunked' lands next; use impl='xla' meanwhile")
-
-
-def _pallas_tpu_impl():
-    raise NotImplementedError("impl='pallas_tpu' lands next; use impl='xla' meanwhile")
