@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from jalign.models.attention import context_parallel_error
 from jalign.models.config import PRESETS, ModelConfig
 from jalign.models import pretrained
 from jalign.models.pretrained import architecture_fields, nullable_fields
@@ -70,7 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     # folder or an earlier run's WORKDIR/final_params ("" = fresh weights from the seed)
     c.init_from = ""
     c.model = model_config("tiny")
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    # sequence > 1: context parallelism, tokens split over that many devices (jalign.sharding)
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1})
     c.logical_axis_rules = nullable()  # None = jalign.sharding.DEFAULT_RULES
 
     c.optimizer = ml_collections.ConfigDict(dict(
@@ -154,6 +156,14 @@ def base_config() -> ml_collections.ConfigDict:
         dynamic_sampling=False, dynamic_sampling_max_rounds=4,
     ))
 
+    # Distillation (algo=distill, GKD): the teacher (a Hugging Face folder, a jalign
+    # WORKDIR or WORKDIR/final_params; in a pipeline "stage:NAME" is that stage's WORKDIR),
+    # TRL GKDConfig's beta / temperature / lmbda, the on-policy samples' length and the
+    # divergence op's implementation (jalign.ops.token_divergence).
+    c.distill = ml_collections.ConfigDict(dict(
+        teacher="", beta=0.5, temperature=0.9, lmbda=0.5, max_new_tokens=128,
+        divergence_impl="auto"))
+
     c.eval = ml_collections.ConfigDict(dict(
         num_prompts=128, max_new_tokens=24, temperature=1.0, batch_size=64, kl_to_start=True))
     # Multi-stage runs (jalign.pipeline): stages="sft,reward,dpo" and per-stage
@@ -228,6 +238,10 @@ def validate_config(config: ml_collections.ConfigDict, *, algorithms: Sequence[s
     for key in ("num_steps", "log_every", "checkpoint_every"):
         if int(config.train[key]) <= 0:
             raise ValueError(f"config.train.{key} must be positive, got {config.train[key]!r}")
+    if int(config.mesh.sequence) != 1:
+        error = context_parallel_error(config.model.attention_impl)
+        if error:
+            raise ValueError(error)
     accum = int(config.optimizer.grad_accum_steps)
     if accum <= 0 or config.data.batch_size % accum:
         raise ValueError(f"config.data.batch_size ({config.data.batch_size}) must be a multiple of "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from jalign.algorithms import preference, rl, sft
+from jalign.algorithms import distill, preference, rl, sft
 from jalign.algorithms.rl_spec import rl_spec
 from jalign.algorithms.common import AlgorithmSetup
 
@@ -40,6 +40,7 @@ _ALGORITHMS = {
     "rloo": Algorithm(rl_spec, rl.grpo_setup, rl.grpo_step, rollout_epochs=True),
     "online_dpo": Algorithm(rl_spec, rl.grpo_setup, rl.online_dpo_step),
     "ppo": Algorithm(rl_spec, rl.ppo_setup, rl.ppo_step, rollout_epochs=True),
+    "distill": Algorithm(distill.spec, distill.setup, distill.make_step),
 }
 ALGOS = tuple(_ALGORITHMS)
 
