@@ -33,11 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from jalign.ops._divergence_chunked import token_divergence_chunked
+from jalign.ops._divergence_pallas_tpu import token_divergence_pallas_tpu
 from jalign.ops._reference import project_logits, transform_logits
 from jalign.ops.logprobs import BlockSizes
 
 IMPLS = ("auto", "xla", "chunked", "pallas_tpu")
-_KERNELS = {"chunked": token_divergence_chunked}
+_KERNELS = {"chunked": token_divergence_chunked, "pallas_tpu": token_divergence_pallas_tpu}
 
 
 def token_divergence_xla(hs_NxH, ws_HxV, ht_NxH, wt_HxV, *, beta: float, temperature: float,
