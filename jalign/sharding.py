@@ -1,8 +1,13 @@
 """Device mesh and the logical-axis rule table: declared once, used by the loop.
 
 The model names logical axes on every parameter (see jalign.models.transformer);
-the config maps them to the mesh axes ("data", "fsdp", "tensor") with a short rule
-table. The training loop derives shardings from these once.
+the config maps them to the mesh axes ("data", "fsdp", "sequence", "tensor") with a
+short rule table. The training loop derives shardings from these once.
+
+"sequence" is context parallelism: activations are split along their tokens
+(logical "length"), no parameter is, and attention gathers keys and values across
+the axis (`jalign.models.attention`). It sits next to "tensor", the innermost
+axis, because every layer exchanges K/V over it: neighbouring chips.
 """
 
 from __future__ import annotations
@@ -15,14 +20,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 # Logical axis -> mesh axes. Parameters are fully sharded over "fsdp" on their
 # embedding dimension and over "tensor" on heads / mlp / vocab; activations are
-# split over "data" and "fsdp" along the batch.
+# split over "data" and "fsdp" along the batch and over "sequence" along the tokens.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "sequence"),
     ("act_embed", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -37,7 +42,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a ("data", "fsdp", "tensor") mesh; one axis may be -1 (use the rest).
+    """Builds a ("data", "fsdp", "sequence", "tensor") mesh; one axis may be -1 (use
+    the rest); an axis not named has size 1.
 
     Raises a ValueError naming the config keys when the sizes do not divide the
     device count.
@@ -62,7 +68,7 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     if math.prod(sizes.values()) != n:
         raise ValueError(
             f"config.mesh {sizes} needs {math.prod(sizes.values())} devices but {n} are "
-            f"available; set config.mesh.data/fsdp/tensor so their product is {n} "
+            f"available; set config.mesh.data/fsdp/sequence/tensor so their product is {n} "
             "(one of them may be -1)")
     grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES)

@@ -174,7 +174,7 @@ def compile_splash_fwd_bwd(topology):
 
     s = SPLASH_SHAPE
     devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-    mesh = Mesh(np.asarray(devices[:4]).reshape(1, 4, 1), MESH_AXES)
+    mesh = Mesh(np.asarray(devices[:4]).reshape(1, 4, 1, 1), MESH_AXES)
     rows = NamedSharding(mesh, P("fsdp"))
     q = jax.ShapeDtypeStruct((s["batch"], s["tokens"], s["q_heads"], s["head_dim"]),
                              jnp.bfloat16, sharding=rows)

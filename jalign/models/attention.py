@@ -106,14 +106,18 @@ AUTO_CHUNKED_MIN_TOKENS = 1024
 
 
 def resolve_impl(config: ModelConfig, seq_len: int | None = None,
-                 backend: str | None = None) -> str:
+                 backend: str | None = None, *, context_parallel: bool = False) -> str:
     """`config.attention_impl` with "auto" made concrete for `backend` (default: JAX's)
-    and a sequence of `seq_len` tokens (None: long). Logs each new choice once."""
+    and a sequence of `seq_len` tokens (None: long); with `context_parallel` (a
+    "sequence" mesh axis) among the options that support it. Logs each new choice once."""
     impl = config.attention_impl
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
-    if backend == "tpu":
+    if context_parallel:
+        chosen = "xla" if backend == "cpu" and seq_len is not None and (
+            seq_len < AUTO_CHUNKED_MIN_TOKENS) else "chunked"
+    elif backend == "tpu":
         chosen = "splash"
     elif backend in ("gpu", "cuda") and not attention_impl_errors(config, "cudnn"):
         chosen = "cudnn"
@@ -121,11 +125,12 @@ def resolve_impl(config: ModelConfig, seq_len: int | None = None,
         chosen = "xla"
     else:
         chosen = "chunked"
-    key = (backend, chosen)
+    key = (backend, chosen, context_parallel)
     if key not in _logged:
         _logged.add(key)
-        _log.info("model.attention_impl=auto resolved to %r on %s%s", chosen, backend,
-                  f" (T={seq_len})" if backend == "cpu" else "")
+        _log.info("model.attention_impl=auto resolved to %r on %s%s%s", chosen, backend,
+                  f" (T={seq_len})" if backend == "cpu" else "",
+                  " (context parallel)" if context_parallel else "")
     return chosen
 
 
@@ -198,17 +203,18 @@ def _scores(q, k, scale, softcap):
     return raw, softcap * jnp.tanh(raw / softcap)
 
 
-def _kv_range(i, bq, bk, nk, window):
-    """Key blocks a query block i can see: causal above, the window below."""
-    lo = jnp.maximum(0, i * bq - window + 1) // bk
-    hi = jnp.minimum(nk, ((i + 1) * bq - 1) // bk + 1)
+def _kv_range(q0, bq, bk, nk, window):
+    """Key blocks the query block starting at position q0 can see: causal above, the
+    window below."""
+    lo = jnp.maximum(0, q0 - window + 1) // bk
+    hi = jnp.minimum(nk, (q0 + bq - 1) // bk + 1)
     return lo, hi
 
 
-def _q_range(j, bq, bk, nq, window):
-    """Query blocks that can see key block j."""
-    lo = (j * bk) // bq
-    hi = jnp.minimum(nq, ((j + 1) * bk - 1 + window - 1) // bq + 1)
+def _q_range(k0, bq, bk, nq, window, q_offset):
+    """Query blocks (the first at position q_offset) that can see the key block at k0."""
+    lo = jnp.maximum(0, k0 - q_offset) // bq
+    hi = jnp.clip((k0 + bk - 1 + window - 1 - q_offset) // bq + 1, 0, nq)
     return lo, hi
 
 
@@ -229,46 +235,55 @@ def _sl(x, start, size, axis):
     return lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _chunked_fwd_impl(q, k, v, seg, window, *, scale, softcap, bq, bk):
-    """q [B, K, G, Tp, D], k/v [B, K, Tp, D], seg [B, Tp] -> out like q, lse [B, K, G, Tp]."""
-    b, nkv, g, tp, d = q.shape
-    nq, nk = tp // bq, tp // bk
+def _chunked_fwd_impl(q, k, v, seg_q, seg_k, q_off, window, *, scale, softcap, bq, bk):
+    """q [B, K, G, Tq, D], k/v [B, K, Tk, D], seg_q [B, Tq], seg_k [B, Tk] -> out like q,
+    lse [B, K, G, Tq]. Query row r sits at position q_off + r (context parallelism:
+    this device's slice of the tokens against all keys)."""
+    b, nkv, g, tq, d = q.shape
+    nq, nk = tq // bq, k.shape[2] // bk
 
     def q_block(i):
-        qi, seg_q = _sl(q, i * bq, bq, 3), _sl(seg, i * bq, bq, 1)
+        qi, seg_qi = _sl(q, i * bq, bq, 3), _sl(seg_q, i * bq, bq, 1)
+        q0 = q_off + i * bq
 
         def kv_step(j, carry):
-            kj, vj, seg_k = _sl(k, j * bk, bk, 2), _sl(v, j * bk, bk, 2), _sl(seg, j * bk, bk, 1)
+            kj, vj, seg_kj = _sl(k, j * bk, bk, 2), _sl(v, j * bk, bk, 2), _sl(seg_k, j * bk, bk, 1)
             _, s = _scores(qi, kj, scale, softcap)
-            allowed = _tile_mask(i * bq, j * bk, bq, bk, seg_q, seg_k, window)
+            allowed = _tile_mask(q0, j * bk, bq, bk, seg_qi, seg_kj, window)
             return _online_softmax_step(carry, s, allowed, vj)
 
         init = (jnp.full((b, nkv, g, bq), _NEG_BIG, jnp.float32),
                 jnp.zeros((b, nkv, g, bq), jnp.float32),
                 jnp.zeros((b, nkv, g, bq, d), jnp.float32))
-        lo, hi = _kv_range(i, bq, bk, nk, window)
+        lo, hi = _kv_range(q0, bq, bk, nk, window)
         m, l, acc = lax.fori_loop(lo, hi, kv_step, init)
-        return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
+        # A padding row past the keys of its shard sees none (l = 0): zeros, not NaN,
+        # which would reach dk / dv through the backward's delta.
+        seen = l > 0
+        out = acc / jnp.where(seen, l, 1.0)[..., None]
+        return out.astype(q.dtype), jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
 
     out, lse = lax.map(q_block, jnp.arange(nq))  # [nq, B, K, G, bq, (D)]
-    out = jnp.moveaxis(out, 0, 3).reshape(b, nkv, g, tp, d)
-    lse = jnp.moveaxis(lse, 0, 3).reshape(b, nkv, g, tp)
+    out = jnp.moveaxis(out, 0, 3).reshape(b, nkv, g, tq, d)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, nkv, g, tq)
     return out, lse
 
 
-def _chunked_bwd_impl(q, k, v, seg, window, out, lse, dout, *, scale, softcap, bq, bk):
-    b, nkv, g, tp, d = q.shape
-    nq, nk = tp // bq, tp // bk
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, K, G, Tp]
+def _chunked_bwd_impl(q, k, v, seg_q, seg_k, q_off, window, out, lse, dout, *, scale,
+                      softcap, bq, bk):
+    b, nkv, g, tq, d = q.shape
+    nq, nk = tq // bq, k.shape[2] // bk
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, K, G, Tq]
 
     def kv_block(dq, j):
-        kj, vj, seg_k = _sl(k, j * bk, bk, 2), _sl(v, j * bk, bk, 2), _sl(seg, j * bk, bk, 1)
+        kj, vj, seg_kj = _sl(k, j * bk, bk, 2), _sl(v, j * bk, bk, 2), _sl(seg_k, j * bk, bk, 1)
 
         def q_step(i, carry):
             dq, dk, dv = carry
-            qi, doi, seg_q = _sl(q, i * bq, bq, 3), _sl(dout, i * bq, bq, 3), _sl(seg, i * bq, bq, 1)
+            qi, doi = _sl(q, i * bq, bq, 3), _sl(dout, i * bq, bq, 3)
+            seg_qi = _sl(seg_q, i * bq, bq, 1)
             raw, s = _scores(qi, kj, scale, softcap)
-            allowed = _tile_mask(i * bq, j * bk, bq, bk, seg_q, seg_k, window)
+            allowed = _tile_mask(q_off + i * bq, j * bk, bq, bk, seg_qi, seg_kj, window)
             p = jnp.where(allowed, jnp.exp(s - _sl(lse, i * bq, bq, 3)[..., None]), 0.0)
             dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(dout.dtype), doi,
                                  preferred_element_type=jnp.float32)
@@ -283,59 +298,68 @@ def _chunked_bwd_impl(q, k, v, seg, window, out, lse, dout, *, scale, softcap, b
             return dq, dk, dv
 
         zeros = jnp.zeros((b, nkv, bk, d), jnp.float32)
-        lo, hi = _q_range(j, bq, bk, nq, window)
+        lo, hi = _q_range(j * bk, bq, bk, nq, window, q_off)
         dq, dk, dv = lax.fori_loop(lo, hi, q_step, (dq, zeros, zeros))
         return dq, (dk, dv)
 
     dq, (dk, dv) = lax.scan(kv_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
-    dk = jnp.moveaxis(dk, 0, 2).reshape(b, nkv, tp, d)
-    dv = jnp.moveaxis(dv, 0, 2).reshape(b, nkv, tp, d)
+    dk = jnp.moveaxis(dk, 0, 2).reshape(b, nkv, nk * bk, d)
+    dv = jnp.moveaxis(dv, 0, 2).reshape(b, nkv, nk * bk, d)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _chunked_core(q, k, v, seg, window, scale, softcap, bq, bk):
-    return _chunked_fwd_impl(q, k, v, seg, window, scale=scale, softcap=softcap, bq=bq, bk=bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _chunked_core(q, k, v, seg_q, seg_k, q_off, window, scale, softcap, bq, bk):
+    return _chunked_fwd_impl(q, k, v, seg_q, seg_k, q_off, window, scale=scale,
+                             softcap=softcap, bq=bq, bk=bk)[0]
 
 
-def _chunked_core_fwd(q, k, v, seg, window, scale, softcap, bq, bk):
-    out, lse = _chunked_fwd_impl(q, k, v, seg, window, scale=scale, softcap=softcap, bq=bq, bk=bk)
-    return out, (q, k, v, seg, window, out, lse)
+def _chunked_core_fwd(q, k, v, seg_q, seg_k, q_off, window, scale, softcap, bq, bk):
+    out, lse = _chunked_fwd_impl(q, k, v, seg_q, seg_k, q_off, window, scale=scale,
+                                 softcap=softcap, bq=bq, bk=bk)
+    return out, (q, k, v, seg_q, seg_k, q_off, window, out, lse)
 
 
 def _chunked_core_bwd(scale, softcap, bq, bk, res, dout):
-    q, k, v, seg, window, out, lse = res
-    dq, dk, dv = _chunked_bwd_impl(q, k, v, seg, window, out, lse, dout, scale=scale,
-                                   softcap=softcap, bq=bq, bk=bk)
+    q, k, v, seg_q, seg_k, q_off, window, out, lse = res
+    dq, dk, dv = _chunked_bwd_impl(q, k, v, seg_q, seg_k, q_off, window, out, lse, dout,
+                                   scale=scale, softcap=softcap, bq=bq, bk=bk)
     zero_int = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)  # noqa: E731
-    return dq, dk, dv, zero_int(seg), zero_int(window)
+    return dq, dk, dv, zero_int(seg_q), zero_int(seg_k), zero_int(q_off), zero_int(window)
 
 
 _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 
 
-def chunked_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, window=None,
+def chunked_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT, *, window=None,
                       scale: float, softcap: float | None = None,
-                      block_sizes: BlockSizes | None = None):
+                      block_sizes: BlockSizes | None = None, q_offset=0,
+                      segment_ids_BxS=None):
     """Blocked causal attention with an online softmax; memory O(T x block).
 
     `window` (an int, or a traced int32 scalar) limits each query to the last
-    `window` keys; None is unbounded.
+    `window` keys; None is unbounded. Context parallelism: the T queries are the
+    tokens [q_offset, q_offset + T) (traced int ok) of the S keys, whose segment
+    ids are `segment_ids_BxS` (default: the queries' own, S = T).
     """
     b, t, nq, d = q_BxTxNxD.shape
-    nkv = k_BxTxKxD.shape[2]
+    s, nkv = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     g = nq // nkv
     blocks = block_sizes or BlockSizes.get_default("chunked")
-    bq, bk = min(blocks.block_q, t), min(blocks.block_kv, t)
-    tp = -(-t // math.lcm(bq, bk)) * math.lcm(bq, bk)
+    bq, bk = min(blocks.block_q, t), min(blocks.block_kv, s)
+    unit = math.lcm(bq, bk)
+    tqp, tkp = -(-t // unit) * unit, -(-s // unit) * unit
     # Padding tokens form their own segment (-1): real rows never see them.
-    seg = _pad_tokens(segment_ids_BxT.astype(jnp.int32), 1, tp, value=-1)
-    q = _pad_tokens(q_BxTxNxD, 1, tp).transpose(0, 2, 1, 3).reshape(b, nkv, g, tp, d)
-    k = _pad_tokens(k_BxTxKxD, 1, tp).transpose(0, 2, 1, 3)
-    v = _pad_tokens(v_BxTxKxD, 1, tp).transpose(0, 2, 1, 3)
-    window = jnp.asarray(tp if window is None else window, jnp.int32)
-    out = _chunked_core(q, k, v, seg, window, float(scale), softcap, bq, bk)
-    return out.reshape(b, nq, tp, d).transpose(0, 2, 1, 3)[:, :t]
+    seg_q = _pad_tokens(segment_ids_BxT.astype(jnp.int32), 1, tqp, value=-1)
+    seg_k = seg_q if segment_ids_BxS is None else _pad_tokens(
+        segment_ids_BxS.astype(jnp.int32), 1, tkp, value=-1)
+    q = _pad_tokens(q_BxTxNxD, 1, tqp).transpose(0, 2, 1, 3).reshape(b, nkv, g, tqp, d)
+    k = _pad_tokens(k_BxSxKxD, 1, tkp).transpose(0, 2, 1, 3)
+    v = _pad_tokens(v_BxSxKxD, 1, tkp).transpose(0, 2, 1, 3)
+    window = jnp.asarray(tqp + tkp if window is None else window, jnp.int32)
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    out = _chunked_core(q, k, v, seg_q, seg_k, q_offset, window, float(scale), softcap, bq, bk)
+    return out.reshape(b, nq, tqp, d).transpose(0, 2, 1, 3)[:, :t]
 
 
 # -------------------------------------------------------------------------- splash
@@ -488,9 +512,16 @@ def attend_cached(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, slots: CachedSlots, config: M
 # ------------------------------------------------------------------------ dispatch
 
 def attend(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segments: Segments, config: ModelConfig, *,
-           impl: str | None = None, block_sizes: BlockSizes | None = None):
-    """Causal self-attention of one layer with the config's scale, soft-cap and window."""
-    impl = impl or resolve_impl(config, q_BxTxNxD.shape[1])
+           impl: str | None = None, block_sizes: BlockSizes | None = None,
+           context_parallel: bool = True):
+    """Causal self-attention of one layer with the config's scale, soft-cap and window.
+
+    Under a mesh with a "sequence" axis (and `context_parallel`, the training and
+    scoring pass; not the sampler's prefill) each device attends with its slice of
+    the queries to the keys and values gathered across the axis
+    (`_attend_context_parallel`)."""
+    n_seq = sequence_shards() if context_parallel else 1
+    impl = impl or resolve_impl(config, q_BxTxNxD.shape[1], context_parallel=n_seq > 1)
     if block_sizes is None and (config.attention_block_q or config.attention_block_kv):
         default = BlockSizes.get_default(impl)
         block_sizes = BlockSizes(config.attention_block_q or default.block_q,
@@ -500,6 +531,13 @@ def attend(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segments: Segments, config: ModelCon
     scale_divisor = math.sqrt(config.query_pre_attn_scalar or config.head_size)
     scale = 1.0 / scale_divisor
     softcap, window, sliding = config.attn_logit_softcap, config.sliding_window, segments.sliding
+    if n_seq > 1:
+        error = context_parallel_error(impl)
+        if error:
+            raise ValueError(error)
+        return _attend_context_parallel(
+            q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segments, config, impl=impl, n_seq=n_seq,
+            block_sizes=block_sizes)
     if impl == "chunked":
         if window is not None and sliding is not False:
             t = q_BxTxNxD.shape[1]
@@ -522,3 +560,100 @@ def attend(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segments: Segments, config: ModelCon
     return xla_attention(q_BxTxNxD, k_BxTxKxD.transpose(0, 2, 1, 3),
                          v_BxTxKxD.transpose(0, 2, 1, 3), mask, scale_divisor=scale_divisor,
                          softcap=softcap)
+
+
+# ------------------------------------------------------------ context parallelism
+
+SEQUENCE_AXIS = "sequence"
+# The options that attend with a slice of the queries at an offset into all keys.
+CONTEXT_PARALLEL_IMPLS = ("auto", "xla", "chunked")
+
+
+def context_parallel_error(impl: str) -> str | None:
+    """Why `model.attention_impl=impl` cannot run with a "sequence" mesh axis > 1."""
+    if impl in CONTEXT_PARALLEL_IMPLS:
+        return None
+    return (f"config.mesh.sequence > 1 (context parallelism) needs config.model.attention_impl "
+            f"in {CONTEXT_PARALLEL_IMPLS}, got {impl!r}: the {impl} kernels take a static causal "
+            "mask aligned at token 0, not a shard's queries at an offset into all keys. Use "
+            "attention_impl=chunked, or config.mesh.sequence=1")
+
+
+def sequence_shards() -> int:
+    """Size of the ambient mesh's "sequence" axis (1 without a mesh, without the axis,
+    or inside a shard_map already manual over it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names or (
+            SEQUENCE_AXIS in set(mesh.manual_axes)):
+        return 1
+    return int(mesh.shape[SEQUENCE_AXIS])
+
+
+def _offset_mask(seg_q_BxT, seg_k_BxS, q_offset, window):
+    """[B, 1, 1, T, S] dense mask of queries at positions q_offset + [0, T) over S keys."""
+    qpos = q_offset + jnp.arange(seg_q_BxT.shape[1], dtype=jnp.int32)
+    kpos = jnp.arange(seg_k_BxS.shape[1], dtype=jnp.int32)
+    allowed = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < window)
+    allowed = allowed[None] & (seg_q_BxT[:, :, None] == seg_k_BxS[:, None, :])
+    return allowed[:, None, None]
+
+
+def _attend_context_parallel(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segments: Segments,
+                             config: ModelConfig, *, impl: str, n_seq: int,
+                             block_sizes: BlockSizes | None):
+    """Attention with the tokens split over the "sequence" mesh axis (shard_map).
+
+    K/V all-gather, not ring attention: each device gathers the keys and values of
+    every shard of its rows (one all-gather per layer; its transpose, a
+    reduce-scatter, returns dK / dV) and attends with its own T / n queries at their
+    global offset. Grouped-query heads make K and V num_heads / num_kv_heads times
+    smaller than Q (4x for Llama 3 8B), so gathering them moves less than a ring
+    passes around, in one collective XLA can overlap, and every option whose kernel
+    takes a query offset works unchanged. The price is the gathered K/V of one layer,
+    2 x T x kv_heads x head_dim per row, in memory; a ring bounds that by T / n but
+    needs n steps of point-to-point sends. Causal and packed-segment masks use global
+    token indices and the full row's segment ids, so segments that cross a shard
+    boundary and sliding windows attend as on one device.
+    """
+    b, t, nq, d = q_BxTxNxD.shape
+    nkv = k_BxTxKxD.shape[2]
+    if t % n_seq:
+        raise ValueError(
+            f"context parallelism: {t} tokens per row do not split over config.mesh.sequence="
+            f"{n_seq}; pad rows to a multiple of it (config.data.pad_to_multiple_of, "
+            "data.max_length or data.bucket_boundaries)")
+    mesh = jax.sharding.get_abstract_mesh()
+    usable = {a: n for a, n in mesh.shape.items() if n > 1 and a not in set(mesh.manual_axes)}
+    rows = tuple(a for a in ("data", "fsdp") if a in usable)
+    if b % math.prod(usable[a] for a in rows):
+        rows = ()
+    heads = "tensor" if "tensor" in usable and nkv % usable["tensor"] == 0 else None
+    scale_divisor = math.sqrt(config.query_pre_attn_scalar or config.head_size)
+    window, sliding = config.sliding_window, segments.sliding
+    unbounded = 2 * t + 1  # more than any query-key distance
+    if window is None or sliding is False:
+        window = unbounded
+    elif sliding is not True:
+        window = jnp.where(sliding, window, unbounded)
+    window = jnp.asarray(window, jnp.int32)
+
+    def local(q, k, v, seg_k, window):
+        tl = q.shape[1]
+        q_offset = lax.axis_index(SEQUENCE_AXIS) * tl
+        k = lax.all_gather(k, SEQUENCE_AXIS, axis=1, tiled=True)
+        v = lax.all_gather(v, SEQUENCE_AXIS, axis=1, tiled=True)
+        seg_q = lax.dynamic_slice_in_dim(seg_k, q_offset, tl, 1)
+        if impl == "chunked":
+            return chunked_attention(q, k, v, seg_q, window=window, scale=1.0 / scale_divisor,
+                                     softcap=config.attn_logit_softcap,
+                                     block_sizes=block_sizes, q_offset=q_offset,
+                                     segment_ids_BxS=seg_k)
+        mask = _offset_mask(seg_q, seg_k, q_offset, window)
+        return xla_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask,
+                             scale_divisor=scale_divisor, softcap=config.attn_logit_softcap)
+
+    P = jax.sharding.PartitionSpec
+    tokens = P(rows or None, SEQUENCE_AXIS, heads)
+    run = jax.shard_map(local, in_specs=(tokens, tokens, tokens, P(rows or None), P()),
+                        out_specs=tokens, check_vma=False)
+    return run(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segments.ids_BxT.astype(jnp.int32), window)

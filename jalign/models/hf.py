@@ -189,7 +189,7 @@ def _read_config_json(config_path: str) -> dict[str, Any]:
 
 
 def _default_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), shd.MESH_AXES)
+    return shd.make_mesh({}, jax.devices()[:1])
 
 
 def from_pretrained(path: str, *, mesh: Mesh | None = None, dtype: str | None = None,

@@ -168,7 +168,9 @@ class Attention(nn.Module):
                 cache[1], v.transpose(0, 2, 1, 3).astype(cache[1].dtype), cache_index, 2)
             cache = (k, v)
         if isinstance(mask_Bx1x1xTxS, attention.Segments):  # a kernel builds the mask
-            out = attention.attend(q, k_new, v_new, mask_Bx1x1xTxS, c)  # no earlier slots
+            # no earlier slots; the sampler's prefill is not split over "sequence"
+            out = attention.attend(q, k_new, v_new, mask_Bx1x1xTxS, c,
+                                   context_parallel=cache is None)
         elif isinstance(mask_Bx1x1xTxS, attention.CachedSlots):
             out = attention.attend_cached(q, k, v, mask_Bx1x1xTxS, c)
         else:
@@ -229,7 +231,9 @@ class Block(nn.Module):
         if c.sandwich_norms:
             y = RMSNorm(c, name="post_mlp_norm")(y)
         x = x + y
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        # Training splits tokens over "length" (context parallelism); the sampler does not.
+        x = nn.with_logical_constraint(x, ("batch", "length" if cache is None else None,
+                                           "act_embed"))
         return x, cache
 
 
@@ -246,7 +250,9 @@ class Decoder(nn.Module):
     """Decoder-only transformer: tokens -> final (normed) hidden states [B, T, H].
 
     Packed sequences: `segment_ids` (0 = padding) keep attention inside a segment,
-    `positions` restart per segment. Layers are scanned, so parameters of the
+    `positions` restart per segment. Under a mesh with a "sequence" axis the
+    activations are split along the tokens (logical "length"): positions, segment
+    ids and masks stay global, so rope and packing are those of one device. Layers are scanned, so parameters of the
     blocks are stacked along a leading "layers" axis.
     """
 
@@ -272,7 +278,8 @@ class Decoder(nn.Module):
         x = jnp.take(embed, tokens_BxT, axis=0).astype(c.compute_dtype)
         if c.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(c.hidden_size), c.compute_dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length" if cache is None else None,
+                                           "act_embed"))
 
         def rope(local):
             angles = positions_BxT.astype(jnp.float32)[..., None] * rope_frequencies(c, local=local)
@@ -285,7 +292,10 @@ class Decoder(nn.Module):
             valid = jax.lax.dynamic_update_slice_in_dim(
                 cache["valid"], (segment_ids_BxT > 0).astype(cache["valid"].dtype), cache_index, 1)
             cache = dict(cache, valid=valid)
-        dense = attention.resolve_impl(c, t if cache is None else valid.shape[1]) == "xla"
+        # Context parallelism ("sequence" mesh axis) attends from segment ids, any impl.
+        context_parallel = cache is None and attention.sequence_shards() > 1
+        dense = not context_parallel and attention.resolve_impl(
+            c, t if cache is None else valid.shape[1]) == "xla"
         if cache is None and not dense:
             # The kernels build causal / segment / window masks from the ids: no [T, T] mask.
             segments = attention.Segments(segment_ids_BxT)

@@ -1,7 +1,9 @@
 """Backend-neutral plumbing of the Pallas log-prob kernels (TPU and GPU alike).
 
 Pallas kernels are not partitioned by XLA. Under a mesh (`jax.set_mesh`) the op
-runs in shard_map: tokens over "data"/"fsdp", the vocabulary over "tensor" when
+runs in shard_map: tokens over "data"/"fsdp"/"sequence" (the flattened [B * T]
+tokens of batch rows over "data"/"fsdp" and their tokens over "sequence" lie in
+that order), the vocabulary over "tensor" when
 it divides. Vocabulary shards combine partial target logit / lse / max /
 entropy with psum and pmax (`_combine`); autodiff of that combination feeds
 each shard's kernels, and the shard_map transpose sums dh over "tensor" and dW
@@ -21,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jalign.ops._reference import valid_targets
 
-TOKEN_AXES = ("data", "fsdp")
+TOKEN_AXES = ("data", "fsdp", "sequence")
 VOCAB_AXIS = "tensor"
 
 

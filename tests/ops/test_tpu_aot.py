@@ -40,7 +40,8 @@ def compile_fwd_bwd(topology, dtype, tokens, hidden, vocab, mesh_shape, in_calle
     from jalign.sharding import MESH_AXES
 
     devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-    shape = mesh_shape or (1, 1, 1)
+    data, fsdp, tensor = mesh_shape or (1, 1, 1)
+    shape = (data, fsdp, 1, tensor)  # MESH_AXES: data, fsdp, sequence, tensor
     mesh = Mesh(np.asarray(devices[:int(np.prod(shape))]).reshape(shape), MESH_AXES)
     tok, voc = (("data", "fsdp"), "tensor") if mesh_shape else (None, None)
     if in_caller_shard_map:
