@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import ml_collections
 
 from jalign.models.attention import context_parallel_error
-from jalign.models.attention import context_parallel_error
 from jalign.models.config import PRESETS, ModelConfig
 from jalign.models import pretrained
 from jalign.models.pretrained import architecture_fields, nullable_fields
@@ -239,10 +238,6 @@ def validate_config(config: ml_collections.ConfigDict, *, algorithms: Sequence[s
     for key in ("num_steps", "log_every", "checkpoint_every"):
         if int(config.train[key]) <= 0:
             raise ValueError(f"config.train.{key} must be positive, got {config.train[key]!r}")
-    if int(config.mesh.sequence) != 1:
-        error = context_parallel_error(config.model.attention_impl)
-        if error:
-            raise ValueError(error)
     if int(config.mesh.sequence) != 1:
         error = context_parallel_error(config.model.attention_impl)
         if error:
