@@ -220,8 +220,9 @@ def validate_config(config: ml_collections.ConfigDict, *, algorithms: Sequence[s
                          f"--config.pipeline.stages= --config.algo={config.algo}")
     if algorithms and config.pipeline.stages:
         for stage in config.pipeline.stages.split(","):
-            if stage.strip() not in algorithms:
-                raise ValueError(f"config.pipeline.stages: {stage.strip()!r} is not an algorithm; "
+            algo = stage.partition("=")[2] or stage  # "ALGO" or a named stage "NAME=ALGO"
+            if algo.strip() not in algorithms:
+                raise ValueError(f"config.pipeline.stages: {algo.strip()!r} is not an algorithm; "
                                  f"valid: {list(algorithms)}")
     elif algorithms and not config.algo:
         raise ValueError(f"config.algo is not set: give --config.algo=ALGO (one of "

@@ -7,6 +7,12 @@ e.g. `config.pipeline.dpo.train.num_steps = 100`. The summary table (gold reward
 preference accuracy, KL, completion length for base, SFT and the aligned models)
 is printed and written to WORKDIR/summary.json, the curves (training metrics, held-out
 gold reward with its error band and KL to the start, per stage) to WORKDIR/curves.png.
+
+A stage may be named, `NAME=ALGO` (e.g. "teacher=sft,sft,distill"): it runs ALGO in
+WORKDIR/NAME with the overrides `config.pipeline.NAME` (a model of another size, for
+one); only the stage named "sft" becomes the later stages' start. A string setting
+"stage:NAME" in a stage's config names an earlier stage's WORKDIR (e.g.
+`config.distill.teacher = "stage:teacher"`).
 """
 
 from __future__ import annotations
@@ -38,17 +44,49 @@ def _merge(target: ml_collections.ConfigDict, overrides: Any, prefix: str) -> No
             target[key] = value
 
 
-def stage_config(config: ml_collections.ConfigDict, stage: str, init_from: str):
+STAGE_PREFIX = "stage:"
+
+
+def stage_algo(stage: str) -> tuple[str, str]:
+    """(name, algorithm) of a `config.pipeline.stages` entry, "ALGO" or "NAME=ALGO"."""
+    name, _, algo = stage.partition("=")
+    return (name.strip(), algo.strip()) if algo else (name.strip(), name.strip())
+
+
+def _stage_paths(cfg: ml_collections.ConfigDict, workdir: str | None, names: list[str],
+                 earlier: list[str], prefix: str = "") -> None:
+    """Replaces "stage:NAME" strings naming an earlier stage with WORKDIR/NAME. A later
+    stage's name stays as it is (a setting this stage does not read, e.g. the teacher
+    stage's own copy of config.distill.teacher); a name that is no stage is an error."""
+    for key, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            _stage_paths(value, workdir, names, earlier, f"{prefix}{key}.")
+        elif isinstance(value, str) and value.startswith(STAGE_PREFIX):
+            name = value[len(STAGE_PREFIX):]
+            if name not in names:
+                raise ValueError(f"config.{prefix}{key}={value!r} names no stage of "
+                                 f"config.pipeline.stages (stages: {names})")
+            if name in earlier and workdir is not None:
+                cfg[key] = os.path.join(workdir, name)
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str, init_from: str,
+                 workdir: str | None = None):
+    """The config of one stage ("ALGO" or "NAME=ALGO"); "stage:NAME" strings become
+    WORKDIR/NAME when `workdir` is given (checked either way)."""
+    name, algo = stage_algo(stage)
     cfg = ml_collections.ConfigDict(config.to_dict())
     cfg.pipeline.stages = ""
-    cfg.algo = stage
+    cfg.algo = algo
     cfg.init_from = init_from
-    overrides = config.pipeline.get(stage)
+    overrides = config.pipeline.get(name)
     if overrides:
-        _merge(cfg, overrides.to_dict(), f"{stage}.")
+        _merge(cfg, overrides.to_dict(), f"{name}.")
     for key in list(cfg.pipeline.keys()):
         if key != "stages":
             del cfg.pipeline[key]
+    names = [stage_algo(s)[0] for s in stages_of(config)]
+    _stage_paths(cfg, workdir, names, names[:names.index(name)] if name in names else [])
     return cfg
 
 
@@ -79,14 +117,19 @@ def validate_pipeline(config: ml_collections.ConfigDict) -> None:
     validate_config(config, algorithms=ALGOS)
     config, _ = resolve_start(config)  # the first stage's model; later ones inherit it
     stages = stages_of(config)
-    unknown = [k for k in config.pipeline.keys() if k != "stages" and k not in ALGOS]
+    names = [stage_algo(s)[0] for s in stages]
+    if len(set(names)) < len(names):
+        raise ValueError(f"config.pipeline.stages={config.pipeline.stages!r} names a stage twice; "
+                         "name one of them, NAME=ALGO (each stage has its own WORKDIR/NAME)")
+    unknown = [k for k in config.pipeline.keys()
+               if k != "stages" and k not in ALGOS and k not in names]
     if unknown:
-        raise ValueError(f"config.pipeline.{unknown[0]} is not an algorithm's overrides; "
-                         f"valid: {list(ALGOS)}")
+        raise ValueError(f"config.pipeline.{unknown[0]} is not an algorithm's or a stage's "
+                         f"overrides; valid: {sorted(set(ALGOS) | set(names))}")
     for stage in stages:
         cfg = stage_config(config, stage, config.init_from)
         validate_config(cfg, algorithms=ALGOS)
-        get_algorithm(stage).spec(cfg)
+        get_algorithm(cfg.algo).spec(cfg)
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -98,10 +141,11 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     summaries: dict[str, Any] = {}
     start_model = config.init_from
     for stage in stages:
-        print(f"=== stage {stage} ===")
-        summaries[stage] = loop.run(stage_config(config, stage, start_model),
-                                    os.path.join(workdir, stage))
-        if stage == "sft":
+        name = stage_algo(stage)[0]
+        print(f"=== stage {name} ===")
+        summaries[name] = loop.run(stage_config(config, stage, start_model, workdir),
+                                   os.path.join(workdir, name))
+        if name == "sft":
             start_model = os.path.join(workdir, "sft", "final_params")
 
     rows = {}
@@ -112,7 +156,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     out = {"stages": summaries, "table": rows}
     if jax.process_index() == 0:
         print(format_table(rows))
-        plot_curves(workdir, stages, os.path.join(workdir, "curves.png"))
+        plot_curves(workdir, list(summaries), os.path.join(workdir, "curves.png"))
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(out, f, indent=2)
     return out
