@@ -145,6 +145,7 @@ def _build(config, workdir: str) -> _Run:
     setup = algo.setup(config, model_cfg, spec, workdir)
     mesh = shd.make_mesh(config.mesh)
     rules = shd.rules_from_config(config.get("logical_axis_rules"))
+    shd.check_context_parallel(mesh, rules)
     optimizer, schedule = make_optimizer(config.optimizer, config.train.num_steps,
                                          updates_per_step=algo.updates_per_step(config))
     state, state_shardings = init_train_state(

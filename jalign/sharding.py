@@ -91,6 +91,21 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str,
     return tuple(out)
 
 
+def check_context_parallel(mesh: Mesh, rules) -> None:
+    """A "sequence" axis > 1 must split the tokens: the rules' "length" must name it.
+
+    (Otherwise every device of the axis would repeat the same work.)
+    """
+    if dict(mesh.shape).get("sequence", 1) == 1:
+        return
+    target = dict(rules).get("length")
+    if "sequence" not in (target if isinstance(target, tuple) else (target,)):
+        raise ValueError(
+            f"config.mesh.sequence={mesh.shape['sequence']} but config.logical_axis_rules maps "
+            f"'length' to {target!r}: map it to 'sequence' (as jalign.sharding.DEFAULT_RULES "
+            "does) so the tokens are split over that axis, or set config.mesh.sequence=1")
+
+
 def logical_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules) -> Any:
     """NamedShardings for a tree of (possibly flax-Partitioned) leaves."""
     specs = nn.get_partition_spec(abstract_boxed_tree)
