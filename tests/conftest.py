@@ -32,3 +32,12 @@ def tiny_hf_llama(tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the chat template is in the config
         shutil.copy(os.path.join(ROOT, "jalign", "assets", name), out)
     return str(out)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2`, the README's command), the tests that launch several
+    training processes at once share one worker, so two such launches never compete for
+    the same two cores with each other (their launch timeouts assume at most one)."""
+    for item in items:
+        if os.path.basename(str(item.fspath)) == "test_multihost.py":
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))

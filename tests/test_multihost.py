@@ -102,15 +102,15 @@ def runs(tmp_path_factory):
     multi, single = str(base / "two_processes"), str(base / "one_process")
     flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     proc = subprocess.run(
-        ["bash", LAUNCH, "-n", "2", "-k", "2", "--timeout=240", "--",
+        ["bash", LAUNCH, "-n", "2", "-k", "2", "--timeout=480", "--",
          sys.executable, "-m", "jalign.train", f"--config={CONFIG[0]}:{CONFIG[1]}",
          f"--workdir={multi}", *flags],
-        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=540)
     _check(proc, "2 processes x 2 devices")
     proc = subprocess.run(
         [sys.executable, "-c", REFERENCE_DRIVER, CONFIG[0], CONFIG[1], json.dumps(OVERRIDES),
          single, "2"],
-        cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=540)
     _check(proc, "1 process x 4 devices")
     return multi, single
 
@@ -207,9 +207,9 @@ else:
 def _driver(args, devices, processes=1):
     cmd = [sys.executable, "-c", CHECKPOINT_DRIVER, *map(str, args)]
     if processes > 1:
-        cmd = ["bash", LAUNCH, "-n", str(processes), "-k", str(devices), "--timeout=150", "--", *cmd]
+        cmd = ["bash", LAUNCH, "-n", str(processes), "-k", str(devices), "--timeout=400", "--", *cmd]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(devices), capture_output=True, text=True,
-                          timeout=200)
+                          timeout=440)
     _check(proc, f"{args[0]} on {processes} x {devices} devices")
     return proc.stdout
 
@@ -307,10 +307,10 @@ def test_grpo_two_processes_with_prompts_of_different_widths(tmp_path):
              "--config.train.eval_every=0", "--config.train.eval_at_start=False",
              "--config.train.async_checkpointing=False", "--config.train.memory_report=False"]
     proc = subprocess.run(
-        ["bash", LAUNCH, "-n", "2", "-k", "2", "--timeout=240", "--",
+        ["bash", LAUNCH, "-n", "2", "-k", "2", "--timeout=480", "--",
          sys.executable, "-m", "jalign.train", "--config=configs/grpo_jsonl.py:test",
          f"--workdir={tmp_path / 'run'}", *flags],
-        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=540)
     _check(proc, "GRPO, 2 processes x 2 devices")
     metrics = _metrics(tmp_path / "run" / "metrics.jsonl")
     assert sorted(metrics) == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics.values())
