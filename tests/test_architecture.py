@@ -6,8 +6,8 @@ import os
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jalign")
 # Layers, top first: a module may import only modules of its own layer or below.
-LAYERS = (("jalign.train", "jalign.aot", "jalign.convert"), ("jalign.sweep",), ("jalign.pipeline",),
-          ("jalign.loop",), ("jalign.algorithms",))
+LAYERS = (("jalign.train", "jalign.aot", "jalign.convert"), ("jalign.sweep", "jalign.overopt"),
+          ("jalign.pipeline",), ("jalign.loop",), ("jalign.algorithms",))
 
 
 def _modules():
