@@ -11,8 +11,10 @@ the generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, "On-Polic
 Distillation of Language Models: Learning from Self-Generated Mistakes",
 arXiv:2306.13649, eq. 1). The endpoints follow TRL's `GKDTrainer.generalized_jsd_loss`,
 which special-cases beta == 0 and beta == 1: the mixture formula itself tends to 0
-at both ends (JSD_beta = O(beta) as beta -> 0 and O(1 - beta) as beta -> 1), so the
-value and gradients jump at beta = 0 and 1. Temperature and soft-cap are applied as
+at both ends (JSD_beta ~ beta KL(P_t || P_s) as beta -> 0 and ~ (1 - beta) KL(P_s || P_t)
+as beta -> 1), so the value and its gradients jump at beta = 0 and 1 (by a factor
+1 / beta: a caller sweeping beta towards an endpoint sees the loss scale collapse
+and then jump). Temperature and soft-cap are applied as
 in `token_logprobs` (`_reference.transform_logits`): divide by T first, then
 `cap * tanh(z / cap)`; TRL divides the (model-soft-capped) logits by T.
 
@@ -21,8 +23,13 @@ Implementations (`impl=`):
   "chunked"    plain-JAX tiles (jalign/ops/_divergence_chunked.py): online log-sum-exps
                for both models, a second pass for the mixture, and a custom_vjp that
                recomputes tiles; memory O(block_tokens * block_vocab).
-  "pallas_tpu" Mosaic kernels (jalign/ops/_divergence_pallas_tpu.py).
+  "pallas_tpu" Mosaic kernels for the forward and the backward
+               (jalign/ops/_divergence_pallas_tpu.py), checked under the TPU interpreter
+               and by ahead-of-time compiles for v5e/v5p/v6e, not yet timed on a TPU.
+               Under a mesh: shard_map over the token axes, unembeddings replicated.
   "auto"       "chunked" on every backend.
+Every implementation but "xla" skips the gradient matmuls of a model whose inputs
+are not differentiated (the stop_gradient teacher of distillation).
 """
 
 from __future__ import annotations
