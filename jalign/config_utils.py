@@ -239,7 +239,7 @@ def validate_config(config: ml_collections.ConfigDict, *, algorithms: Sequence[s
     for key in ("num_steps", "log_every", "checkpoint_every"):
         if int(config.train[key]) <= 0:
             raise ValueError(f"config.train.{key} must be positive, got {config.train[key]!r}")
-    if int(config.mesh.sequence) != 1:
+    if int(config.mesh.get("sequence", 1)) != 1:
         error = context_parallel_error(config.model.attention_impl)
         if error:
             raise ValueError(error)

@@ -170,7 +170,8 @@ def _start_line(config, model_cfg: ModelConfig, source) -> str:
         quant = model_cfg.lora_quantization
         lora_note = (f"; LoRA rank {model_cfg.lora_rank} on a frozen "
                      f"{quant if quant != 'none' else model_cfg.lora_base_dtype} base")
-    attention = resolve_impl(model_cfg, int(config.data.max_length))
+    attention = resolve_impl(model_cfg, int(config.data.max_length),
+                             context_parallel=int(config.mesh.get("sequence", 1)) != 1)
     if model_cfg.attention_impl == "auto":
         attention += " (auto)"
     return (f"{config.algo}: a {model_cfg.family} model, {model_cfg.num_params() / 1e6:,.1f}M "

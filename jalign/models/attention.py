@@ -25,6 +25,14 @@ Implementations:
              chunked; on CPU xla below AUTO_CHUNKED_MIN_TOKENS (1024) tokens and
              chunked from there. `resolve_impl` logs what it picked.
 
+Context parallelism (a "sequence" mesh axis > 1, `config.mesh.sequence`): the
+tokens of each row are split over the axis; each device all-gathers K and V across
+it and attends with its own queries at their global offset ("xla" and "chunked";
+"splash" and "cudnn" are refused). An all-gather rather than ring attention:
+grouped-query heads make K/V num_heads / num_kv_heads times smaller than Q, the
+gather is a single collective (its transpose a single reduce-scatter of dK/dV), and
+the kernels run unchanged; see `_attend_context_parallel`.
+
 Cached decoding (jalign.generate), for every option but "xla": the prompt's
 prefill attends within the prompt through the option above; each decode step runs
 `cached_attention`, key blocks up to the last filled slot with an online softmax.
