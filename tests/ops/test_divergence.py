@@ -176,3 +176,25 @@ def test_bad_inputs_name_the_problem():
         token_divergence(hs, ws, ht, wt, beta=1.5)
     with pytest.raises(ValueError, match="unknown impl"):
         token_divergence(hs, ws, ht, wt, beta=0.5, impl="pallas_gpu")
+
+
+def test_pallas_tpu_under_a_mesh_runs_per_token_shard():
+    """Tokens over data x fsdp (N = 37 padded to 4 shards) on 8 CPU devices, Pallas'
+    generic interpreter (as test_pallas.py's mesh test): equal to one device."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jalign.ops._divergence_pallas_tpu import token_divergence_pallas_tpu
+    from jalign.sharding import make_mesh
+
+    args = _inputs()
+    kw = dict(beta=0.5, temperature=0.8, student_softcap=None, teacher_softcap=None)
+    fn = lambda *a: jnp.sum(token_divergence_pallas_tpu(  # noqa: E731
+        *a, block_tokens=16, block_vocab=128, interpret=True, **kw) ** 2)
+    mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
+    with jax.set_mesh(mesh):
+        sharded = [jax.device_put(x, NamedSharding(mesh, P())) for x in args]
+        assert "shard_map" in str(jax.make_jaxpr(fn)(*sharded))
+        got = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))(*sharded)
+    want = jax.value_and_grad(lambda *a: jnp.sum(token_divergence(
+        *a, beta=0.5, temperature=0.8, impl="xla") ** 2), argnums=(0, 1, 2, 3))(*args)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
