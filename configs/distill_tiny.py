@@ -3,20 +3,23 @@
     python -m jalign.train --config=configs/distill_tiny.py --workdir=/tmp/jalign_distill
     python -m jalign.train --config=configs/distill_tiny.py --workdir=/tmp/jd3 --seeds=3
 
-One pipeline, three stages in WORKDIR/<stage>:
-  teacher  SFT of the quickstart's model (hidden 128, 2 layers, 4 heads, 0.4M
-           parameters) on the quickstart's demonstrations (half of them imperfect);
-  sft      the student (hidden 48, 1 layer, 2 heads, ~40k parameters) trained by SFT
-           alone on the same data and steps: the baseline;
-  distill  the same student from the same fresh weights, trained by GKD (algo=distill)
-           from the teacher for the same steps: beta 0.5, temperature 0.9, half the
-           steps on the student's own samples (TRL GKDConfig's defaults).
-The table gives each stage's held-out gold reward; the part of the teacher-minus-SFT gap
-that distillation closes is (distill - sft) / (teacher - sft).
+One pipeline, four stages in WORKDIR/<stage>:
+  teacher     SFT of the quickstart's model (hidden 128, 2 layers, 4 heads, 0.4M
+              parameters) on the quickstart's demonstrations (half of them imperfect);
+  sft         the student (hidden 48, 1 layer, 2 heads, ~40k parameters) trained by SFT
+              alone on the same data and steps;
+  sft_longer  the control: `sft` trained 150 more SFT steps at lr 1e-3;
+  distill     `sft` trained the same 150 steps by GKD (algo=distill) from the teacher
+              instead, as the GKD paper starts from an SFT student: beta 0.5,
+              temperature 0.9, half the steps on the student's own samples (TRL
+              GKDConfig's defaults).
+The table gives each stage's held-out gold reward; the part of the teacher-minus-student
+gap that distillation closes is (distill - sft_longer) / (teacher - sft_longer).
 
 Variants (`--config=configs/distill_tiny.py:VARIANT[,VARIANT]`):
   onpolicy  lmbda = 1, beta = 1: on-policy reverse-KL distillation;
-  test      seconds-long sizes (for tests), the teacher and distill stages only.
+  test      seconds-long sizes (for tests), the teacher and distill stages only (the
+            student from fresh weights).
 Any key can be overridden, e.g. `--config.pipeline.distill.distill.beta=0`.
 """
 
@@ -48,12 +51,15 @@ def get_config(arg: str = ""):
     config.eval.max_new_tokens = 16
     config.distill.teacher = "stage:teacher"
     config.distill.max_new_tokens = 16
-    config.pipeline.stages = "teacher=sft,sft,distill"
+    config.pipeline.stages = "teacher=sft,sft,sft_longer=sft,distill"
     config.pipeline.teacher = ml_collections.ConfigDict({"model": dict(TEACHER_MODEL)})
     config.pipeline.sft = ml_collections.ConfigDict()
-    # From fresh weights like the sft stage (not from its model): the same steps and data,
-    # the teacher's distributions in place of the demonstrations' one-hot targets.
-    config.pipeline.distill = ml_collections.ConfigDict({"init_from": ""})
+    # Both continue from the student's SFT model for the same steps and rate: the one with
+    # the demonstrations' one-hot targets, the other with the teacher's distributions.
+    more = {"init_from": "stage:sft", "train": {"num_steps": 150, "eval_every": 75},
+            "optimizer": {"learning_rate": 1e-3, "warmup_steps": 10}}
+    config.pipeline.sft_longer = ml_collections.ConfigDict(more)
+    config.pipeline.distill = ml_collections.ConfigDict(more)
     variants = {v for v in arg.split(",") if v}
     unknown = variants - {"onpolicy", "test"}
     if unknown:
@@ -64,6 +70,10 @@ def get_config(arg: str = ""):
         config.distill.beta = 1.0
     if "test" in variants:
         config.pipeline.stages = "teacher=sft,distill"
+        del config.pipeline["sft_longer"]
+        config.pipeline.distill.init_from = ""  # no student SFT stage here
+        config.pipeline.distill.train.num_steps = 3
+        config.pipeline.distill.train.eval_every = 3
         config.data.num_train_examples = 64
         config.data.batch_size = 8
         config.train.num_steps = 3
