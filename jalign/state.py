@@ -104,7 +104,8 @@ def abstract_with_shardings(tree, shardings):
 
 def abstract_train_state(params_init_fn, optimizer, mesh, rules, *, seed: int,
                          with_reference: bool | str = False, frozen_extra: dict | None = None,
-                         model_cfg: ModelConfig | None = None, frozen_subtrees: tuple[str, ...] = ()):
+                         model_cfg: ModelConfig | None = None,
+                         frozen_subtrees: tuple[str, ...] = ()):
     """(state as sharded ShapeDtypeStructs, state shardings), without allocating anything:
     the derivation `init_train_state` uses, stopped before any array exists."""
     state_from_params = make_state_fn(optimizer, seed=seed, with_reference=with_reference,

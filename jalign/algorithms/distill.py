@@ -106,7 +106,8 @@ def find_teacher(spec: DistillSpec) -> tuple[pretrained.Pretrained, ModelConfig]
         source = pretrained.find(spec.teacher)
     except (FileNotFoundError, ValueError) as e:
         message = str(e).replace(f"config.init_from={spec.teacher!r}", "")
-        raise ValueError(f"config.distill.teacher={spec.teacher!r}: {message.strip(' :')}") from None
+        raise ValueError(
+            f"config.distill.teacher={spec.teacher!r}: {message.strip(' :')}") from None
     if source.model is None:
         raise ValueError(f"config.distill.teacher={spec.teacher!r} states no architecture (no "
                          f"{pretrained.MODEL_CONFIG_FILE} beside it): give the run's WORKDIR or a "

@@ -18,13 +18,14 @@ import pytest
 from jalign import checkpoint as ckpt
 from jalign import sharding as shd
 from jalign.algorithms import distill
+from jalign.algorithms.common import load_tokenizer
 from jalign.algorithms.rollout import ROLLOUT_STREAM
 from jalign.generate import generate
 from jalign.loop import run
 from jalign.losses import gkd_loss
 from jalign.models import pretrained
 from jalign.models.config import ModelConfig
-from jalign.models.transformer import decoder_init_fn, logits_from_hidden
+from jalign.models.transformer import Decoder, decoder_init_fn, logits_from_hidden
 from jalign.ops import token_divergence
 from jalign.optim import make_optimizer
 from jalign.state import init_train_state
@@ -57,8 +58,8 @@ def test_gkd_loss_is_the_masked_sum_of_the_generalised_jsd(beta):
     hs, ws = rng.normal(size=(2, 5, 8)), rng.normal(size=(8, 11))       # student: width 8
     ht, wt = rng.normal(size=(2, 5, 16)), rng.normal(size=(16, 11)) / 2  # teacher: width 16
     mask = np.array([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], np.float32)
-    div = token_divergence(jnp.asarray(hs.reshape(10, 8), jnp.float32), jnp.asarray(ws, jnp.float32),
-                           jnp.asarray(ht.reshape(10, 16), jnp.float32), jnp.asarray(wt, jnp.float32),
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    div = token_divergence(f32(hs.reshape(10, 8)), f32(ws), f32(ht.reshape(10, 16)), f32(wt),
                            beta=beta, temperature=0.9, impl="xla").reshape(2, 5)
     want = _numpy_gjsd(hs @ ws, ht @ wt, beta, 0.9)
     np.testing.assert_allclose(div, want, rtol=2e-5, atol=1e-6)
@@ -83,13 +84,13 @@ def test_decoder_divergence_scores_next_tokens_of_both_decoders():
     params_t = nn.meta.unbox(decoder_init_fn(TEACHER)(jax.random.PRNGKey(1)))
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 7), 4, 100)
     batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
-             "positions": jnp.broadcast_to(jnp.arange(7), (2, 7)), "loss_mask": jnp.ones_like(tokens)}
+             "positions": jnp.broadcast_to(jnp.arange(7), (2, 7)),
+             "loss_mask": jnp.ones_like(tokens)}
     got = decoder_divergence_fn(STUDENT, TEACHER, beta=0.5, temperature=0.9, impl="xla")(
         params_s, params_t, batch)
     assert got.shape == (2, 6)
 
     def logits(params, cfg):
-        from jalign.models.transformer import Decoder
         hidden = Decoder(cfg).apply({"params": params}, tokens, batch["positions"],
                                     batch["segment_ids"])
         return np.asarray(logits_from_hidden(hidden, params, cfg))[:, :-1]
@@ -157,7 +158,7 @@ def test_on_policy_batches_are_the_students_samples(teacher_dir):
     # The completions are the student's sampler's, from the state's step RNG...
     mask = (np.asarray(batch["loss_mask"]) == 0) & (np.asarray(batch["segment_ids"]) > 0)
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), ROLLOUT_STREAM)
-    tokenizer = distill.load_tokenizer(config)
+    tokenizer = load_tokenizer(config)
     out = generate(state.params, STUDENT, batch["tokens"][:, :width], jnp.asarray(mask[:, :width],
                    jnp.int32), rng, max_new_tokens=config.distill.max_new_tokens,
                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=1.0)
@@ -201,8 +202,9 @@ def _resume_config(teacher):
 
 
 def test_stopped_and_restarted_run_equals_the_uninterrupted_one(teacher_dir, tmp_path):
+    pattern = [True, False, True, False]  # on- and off-policy steps on both sides of the stop
     seed = next(s for s in range(50)
-                if [distill.on_policy_at(s, k, 0.5) for k in range(4)] == [True, False, True, False])
+                if [distill.on_policy_at(s, k, 0.5) for k in range(4)] == pattern)
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     for workdir, steps in ((full, 4), (split, 2), (split, 4)):
         config = _resume_config(teacher_dir)
