@@ -153,7 +153,8 @@ def test_options_that_cannot_split_tokens_are_refused_at_config_time():
     config.model.dtype = "bfloat16"  # what cudnn needs besides
     for impl in ("splash", "cudnn"):
         config.model.attention_impl = impl
-        with pytest.raises(ValueError, match=r"config\.mesh\.sequence.*config\.model\.attention_impl"):
+        with pytest.raises(ValueError,
+                           match=r"config\.mesh\.sequence.*config\.model\.attention_impl"):
             validate_config(config)
     mesh = shd.make_mesh({"fsdp": 2, "sequence": 4}, jax.devices()[:8])
     rules = tuple(r for r in shd.DEFAULT_RULES if r[0] != "length") + (("length", None),)

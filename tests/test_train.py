@@ -62,7 +62,7 @@ def test_mesh_that_does_not_divide_devices():
     with pytest.raises(ValueError, match=r"do not divide the 8"):
         shd.make_mesh({"data": 3, "fsdp": -1}, jax.devices()[:8])
     mesh = shd.make_mesh({"data": 2, "fsdp": -1}, jax.devices()[:8])
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
 
 
 def test_non_finite_steps_are_skipped_then_stop_names_the_step():
