@@ -2,11 +2,12 @@
 
     JAX_PLATFORMS=cpu python benchmarks/divergence_memory.py [--tokens 4096] [--vocab 32768]
         [--hidden-student 256] [--hidden-teacher 512] [--beta 0.5] [--steps 3]
-        [--impls xla,chunked] [--block-tokens N --block-vocab N] [--no-time]
+        [--impls xla,chunked] [--block-tokens N --block-vocab N] [--no-time] [--frozen-teacher]
 
 value_and_grad of sum(token_divergence(...)) w.r.t. all four inputs (the
-heaviest case: the distillation step freezes the teacher), float32, temperature
-0.8. Temporaries are `jit(...).lower(...).compile().memory_analysis()
+heaviest case), or with --frozen-teacher w.r.t. the student's two under a
+stop_gradient teacher (what the distillation step differentiates); float32,
+temperature 0.8. Temporaries are `jit(...).lower(...).compile().memory_analysis()
 .temp_size_in_bytes`; time is the median of `--steps` timed calls after a
 warm-up, the impls interleaved so that load from other processes hits both alike
 (the average number of cores other processes kept busy is printed too). Ends
@@ -54,6 +55,8 @@ def main():
     parser.add_argument("--block-tokens", type=int, default=None)
     parser.add_argument("--block-vocab", type=int, default=None)
     parser.add_argument("--no-time", action="store_true", help="memory only, no timed calls")
+    parser.add_argument("--frozen-teacher", action="store_true",
+                        help="stop_gradient teacher; gradients w.r.t. the student only")
     args = parser.parse_args()
 
     n, v, hs, ht = args.tokens, args.vocab, args.hidden_student, args.hidden_teacher
@@ -68,11 +71,14 @@ def main():
 
     compiled, result = {}, {}
     for impl in args.impls.split(","):
-        def loss(*a, impl=impl):
-            return jnp.sum(token_divergence(*a, beta=args.beta, temperature=0.8, impl=impl,
-                                            block_sizes=blocks))
+        def loss(hs, ws, ht, wt, impl=impl):
+            if args.frozen_teacher:
+                ht, wt = jax.lax.stop_gradient((ht, wt))
+            return jnp.sum(token_divergence(hs, ws, ht, wt, beta=args.beta, temperature=0.8,
+                                            impl=impl, block_sizes=blocks))
         start = time.perf_counter()
-        compiled[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(
+        argnums = (0, 1) if args.frozen_teacher else (0, 1, 2, 3)
+        compiled[impl] = jax.jit(jax.value_and_grad(loss, argnums=argnums)).lower(
             *inputs).compile()
         mem = compiled[impl].memory_analysis()
         result[impl] = dict(temp_bytes=int(mem.temp_size_in_bytes),
@@ -101,7 +107,7 @@ def main():
             result["xla"]["temp_bytes"] / max(1, result["chunked"]["temp_bytes"]), 1)
         print(f"ratio xla / chunked temporaries: {result['temp_ratio_xla_over_chunked']}x")
     print(json.dumps(dict(tokens=n, vocab=v, hidden_student=hs, hidden_teacher=ht,
-                          beta=args.beta, cpu=_cpu_model(), cores=os.cpu_count(),
+                          beta=args.beta, frozen_teacher=args.frozen_teacher, cpu=_cpu_model(), cores=os.cpu_count(),
                           backend=jax.default_backend(), **result)))
 
 
