@@ -1,7 +1,7 @@
 """Reward-model over-optimisation, measured: best-of-n and RL against a flawed proxy.
 
     python -m jalign.overopt --workdir=/tmp/overopt [--small] [--seeds=3] \\
-        [--variants=single,mean,uncertainty,min,warm]
+        [--variants=single,mean,uncertainty,min,warm] [--sizes=rl_steps=40,max_n=16]
 
 On the built-in `sentiment` task, for each seed (WORKDIR/seed_K):
 
@@ -233,7 +233,14 @@ def run_seed(workdir: str, seed: int, sizes: Sizes, *, variants: Sequence[str], 
         average_saved(proxies, sources["warm"][0])
     bon_config = grpo_config(sizes, seed, sft_params, proxies[0])
     bon_config.eval.batch_size = 256  # samples per generate call: fewer, larger calls
-    bon = best_of_n_curve(bon_config, load_policy(bon_config, sft_params), ns)
+    bon_path = os.path.join(workdir, "best_of_n.json")
+    if os.path.exists(bon_path):
+        with open(bon_path) as f:
+            bon = json.load(f)
+    else:
+        bon = best_of_n_curve(bon_config, load_policy(bon_config, sft_params), ns)
+        with open(bon_path, "w") as f:
+            json.dump(bon, f, indent=2)
     out = {"seed": seed, "best_of_n": bon, "rl": {}}
     for variant in variants:
         path, how = sources[variant]
@@ -367,10 +374,17 @@ def main(argv=None) -> int:
                         help="proxy reward models per seed (default 3 with an ensemble or WARM)")
     parser.add_argument("--length_bias", type=float, default=1.0)
     parser.add_argument("--label_noise", type=float, default=0.0)
+    parser.add_argument("--sizes", default="",
+                        help="overrides of the sizes (Sizes' fields), e.g. rl_steps=40,max_n=16")
     args = parser.parse_args(argv)
+    sizes = SIZES["small" if args.small else "full"]
+    if args.sizes:
+        pairs = [item.split("=", 1) for item in args.sizes.split(",") if item.strip()]
+        sizes = dataclasses.replace(sizes, **{k.strip(): int(v) for k, v in pairs})
     run_overopt(args.workdir, small=args.small, seeds=args.seeds,
                 variants=[v.strip() for v in args.variants.split(",") if v.strip()],
-                members=args.members, length_bias=args.length_bias, label_noise=args.label_noise)
+                members=args.members, length_bias=args.length_bias, label_noise=args.label_noise,
+                sizes=sizes)
     return 0
 
 
