@@ -164,8 +164,24 @@ def base_config() -> ml_collections.ConfigDict:
         teacher="", beta=0.5, temperature=0.9, lmbda=0.5, max_new_tokens=128,
         divergence_impl="auto"))
 
+    # A language-model judge (jalign.judges): the model (a Hugging Face folder, a jalign
+    # WORKDIR or its final_params; "stage:NAME" in a pipeline), "pairwise" or "pointwise",
+    # a template ("" = the built-in one for the kind, else its text or a file), the
+    # constitution file (one principle a line), the answer labels ("" = "A,B" / "Yes,No";
+    # each one token), the pairwise tie margin; rl.reward_sources=judge scores pointwise.
+    c.judge = ml_collections.ConfigDict(dict(
+        path="", kind="pairwise", template="", constitution="", labels="", margin=0.05,
+        chat=True, max_length=1024, batch_size=32, dtype="float32"))
+    # The label stage (jalign.label): n completions per prompt sampled from the policy, the
+    # pairs judged by config.judge (pairwise), written to WORKDIR/pairs.jsonl.
+    c.label = ml_collections.ConfigDict(dict(
+        num_prompts=256, num_samples=2, max_new_tokens=24, temperature=1.0, batch_size=64))
+
     c.eval = ml_collections.ConfigDict(dict(
-        num_prompts=128, max_new_tokens=24, temperature=1.0, batch_size=64, kl_to_start=True))
+        num_prompts=128, max_new_tokens=24, temperature=1.0, batch_size=64, kl_to_start=True,
+        # a built-in task whose held-out prompts and gold reward evaluate a run on file data
+        # (e.g. DPO on pairs a judge labelled on that task's prompts)
+        task=""))
     # Multi-stage runs (jalign.pipeline): stages="sft,reward,dpo" and per-stage
     # overrides in the config's own shape, e.g. pipeline.dpo.train.num_steps.
     c.pipeline = ml_collections.ConfigDict({"stages": ""})

@@ -8,6 +8,7 @@ from typing import Any, Callable
 from jalign.evaluate import evaluate_policy
 from jalign.models import pretrained
 from jalign.models.config import ModelConfig
+from jalign.tasks import get_task
 from jalign.tokenizer import Tokenizer, builtin_tokenizer
 
 
@@ -38,7 +39,10 @@ def check_vocab(model_cfg: ModelConfig, tokenizer) -> None:
 
 
 def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
-    """Held-out gold reward, KL to the starting policy and completion length on a task."""
+    """Held-out gold reward, KL to the starting policy and completion length on a task
+    (`task`, or for file data the built-in task config.eval.task names, if any)."""
+    if task is None and config.eval.get("task"):
+        task = get_task(config.eval.task)
     if task is None:
         return None
     prompts = task.prompts(config.eval.num_prompts, seed=config.seed + 1, split="eval")
