@@ -173,15 +173,20 @@ def base_config() -> ml_collections.ConfigDict:
         path="", kind="pairwise", template="", constitution="", labels="", margin=0.05,
         chat=True, max_length=1024, batch_size=32, dtype="float32"))
     # The label stage (jalign.label): n completions per prompt sampled from the policy, the
-    # pairs judged by config.judge (pairwise), written to WORKDIR/pairs.jsonl.
+    # pairs judged by config.judge (pairwise; labeller="gold": by the task's gold reward, the
+    # control), written to WORKDIR/pairs.jsonl.
     c.label = ml_collections.ConfigDict(dict(
-        num_prompts=256, num_samples=2, max_new_tokens=24, temperature=1.0, batch_size=64))
+        num_prompts=256, num_samples=2, max_new_tokens=24, temperature=1.0, batch_size=64,
+        labeller="judge"))
 
     c.eval = ml_collections.ConfigDict(dict(
         num_prompts=128, max_new_tokens=24, temperature=1.0, batch_size=64, kl_to_start=True,
         # a built-in task whose held-out prompts and gold reward evaluate a run on file data
         # (e.g. DPO on pairs a judge labelled on that task's prompts)
-        task=""))
+        task="",
+        # also the win rate of the sampled completions against the starting model's, raw and
+        # length-controlled (jalign.winrate), by the first score (the gold reward)
+        win_rate=False))
     # Multi-stage runs (jalign.pipeline): stages="sft,reward,dpo" and per-stage
     # overrides in the config's own shape, e.g. pipeline.dpo.train.num_steps.
     c.pipeline = ml_collections.ConfigDict({"stages": ""})

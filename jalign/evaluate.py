@@ -12,6 +12,7 @@ import numpy as np
 from jalign.generate import decode_completions, generate, left_pad
 from jalign.models.config import ModelConfig
 from jalign.steps.common import shifted_logprobs
+from jalign.winrate import preferences, win_rates
 
 
 def _sequence_logps_fn(params, config, batch):
@@ -36,7 +37,8 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
                     max_new_tokens: int, seed: int = 0, ref_params: Any = None,
                     batch_size: int = 64, temperature: float = 1.0,
                     score_fn: Callable | None = None,
-                    prompt_ids: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+                    prompt_ids: Sequence[Sequence[int]] | None = None,
+                    win_rate: bool = False) -> dict[str, float]:
     """Greedy and sampled completions on held-out prompts, scored.
 
     Scores: `score_fn(indices, completions, lengths) -> {name: scores [n]}` (NaN =
@@ -50,7 +52,9 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
     a change of the policy), completions/mean_length (sampled, in tokens, EOS included) and, when
     `ref_params` is given, kl/ref: the mean over sampled completions of
     sum_t [log pi(y_t) - log pi_ref(y_t)] (a k1 estimate of KL(pi || pi_ref) per
-    sequence).
+    sequence). With `win_rate` and `ref_params`, the reference's sampled completions (the
+    same uniforms) are scored too and `jalign.winrate.win_rates` of the first score
+    (winrate/raw, winrate/length_controlled, ...) compares the two, by prompt.
     """
     if score_fn is None:
         def score_fn(indices, completions, lengths):
@@ -60,7 +64,7 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         prompt_ids = [bos + tokenizer.encode(p) for p in prompts]
     scores: dict[str, list] = {}
-    lengths, kls = [], []
+    lengths, kls, ref_lengths, ref_scores = [], [], [], []
     rng = jax.random.PRNGKey(seed)
     for start in range(0, len(prompts), batch_size):
         indices = list(range(start, min(start + batch_size, len(prompts))))
@@ -87,6 +91,15 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
             lp = _sequence_logps(params, config, batch)
             lr = _sequence_logps(ref_params, config, batch)
             kls.append(np.asarray(lp - lr)[:n])
+        if win_rate and ref_params is not None:
+            r_tokens, r_mask, _ = generate(ref_params, config, prompt, mask,
+                                           jax.random.fold_in(rng, start), greedy=False,
+                                           temperature=temperature, **kwargs)
+            texts = decode_completions(tokenizer, r_tokens[:, width:], r_mask)[:n]
+            r_lengths = np.asarray(r_mask).sum(-1)[:n]
+            first = next(iter(score_fn(indices, texts, r_lengths).values()))
+            ref_scores.append(np.asarray(first, np.float64))
+            ref_lengths.append(r_lengths)
     out = {}
     for key, parts in scores.items():
         values = np.concatenate(parts)
@@ -98,4 +111,8 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
     out["completions/mean_length"] = float(np.concatenate(lengths).mean())
     if kls:
         out["kl/ref"] = float(np.concatenate(kls).mean())
+    if ref_scores:
+        name = next(k for k in scores if k.endswith("/sampled"))
+        out.update(win_rates(preferences(np.concatenate(scores[name]), np.concatenate(ref_scores)),
+                             np.concatenate(lengths), np.concatenate(ref_lengths)))
     return out

@@ -12,7 +12,12 @@ A stage may be named, `NAME=ALGO` (e.g. "teacher=sft,sft,distill"): it runs ALGO
 WORKDIR/NAME with the overrides `config.pipeline.NAME` (a model of another size, for
 one); only the stage named "sft" becomes the later stages' start. A string setting
 "stage:NAME" in a stage's config names an earlier stage's WORKDIR (e.g.
-`config.distill.teacher = "stage:teacher"`).
+`config.distill.teacher = "stage:teacher"`); "stage:NAME/FILE" names a file in it.
+
+A stage that trains nothing runs its function instead of the loop: `label` (jalign.label)
+samples from the current start model, has a judge label pairs and writes
+WORKDIR/label/pairs.jsonl, which a later stage reads with
+`config.data.path = "stage:label/pairs.jsonl"` (configs/cai_tiny.py).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from jalign import loop
+from jalign import label, loop
 from jalign.algorithms import ALGOS, get_algorithm
 from jalign.config_utils import resolve_start, validate_config
 from jalign.plots import plot_curves
@@ -45,6 +50,9 @@ def _merge(target: ml_collections.ConfigDict, overrides: Any, prefix: str) -> No
 
 
 STAGE_PREFIX = "stage:"
+# Stages that train nothing: algorithm name -> (spec(config), run(config, workdir) -> summary).
+NON_TRAINING = {"label": (label.spec, label.run_label)}
+STAGE_ALGOS = ALGOS + tuple(NON_TRAINING)
 
 
 def stage_algo(stage: str) -> tuple[str, str]:
@@ -62,12 +70,13 @@ def _stage_paths(cfg: ml_collections.ConfigDict, workdir: str | None, names: lis
         if isinstance(value, ml_collections.ConfigDict):
             _stage_paths(value, workdir, names, earlier, f"{prefix}{key}.")
         elif isinstance(value, str) and value.startswith(STAGE_PREFIX):
-            name = value[len(STAGE_PREFIX):]
+            name, _, within = value[len(STAGE_PREFIX):].partition("/")
             if name not in names:
                 raise ValueError(f"config.{prefix}{key}={value!r} names no stage of "
                                  f"config.pipeline.stages (stages: {names})")
             if name in earlier and workdir is not None:
-                cfg[key] = os.path.join(workdir, name)
+                cfg[key] = os.path.join(workdir, name, within) if within else os.path.join(
+                    workdir, name)
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str, init_from: str,
@@ -114,7 +123,7 @@ def stages_of(config: ml_collections.ConfigDict) -> list[str]:
 def validate_pipeline(config: ml_collections.ConfigDict) -> None:
     """Checks every stage's config (names, `config.pipeline.<stage>` overrides, values and
     the algorithm's own sections) before the first stage trains."""
-    validate_config(config, algorithms=ALGOS)
+    validate_config(config, algorithms=STAGE_ALGOS)
     config, _ = resolve_start(config)  # the first stage's model; later ones inherit it
     stages = stages_of(config)
     names = [stage_algo(s)[0] for s in stages]
@@ -122,14 +131,17 @@ def validate_pipeline(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.pipeline.stages={config.pipeline.stages!r} names a stage twice; "
                          "name one of them, NAME=ALGO (each stage has its own WORKDIR/NAME)")
     unknown = [k for k in config.pipeline.keys()
-               if k != "stages" and k not in ALGOS and k not in names]
+               if k != "stages" and k not in STAGE_ALGOS and k not in names]
     if unknown:
         raise ValueError(f"config.pipeline.{unknown[0]} is not an algorithm's or a stage's "
-                         f"overrides; valid: {sorted(set(ALGOS) | set(names))}")
+                         f"overrides; valid: {sorted(set(STAGE_ALGOS) | set(names))}")
     for stage in stages:
         cfg = stage_config(config, stage, config.init_from)
-        validate_config(cfg, algorithms=ALGOS)
-        get_algorithm(cfg.algo).spec(cfg)
+        validate_config(cfg, algorithms=STAGE_ALGOS)
+        if cfg.algo in NON_TRAINING:
+            NON_TRAINING[cfg.algo][0](cfg)
+        else:
+            get_algorithm(cfg.algo).spec(cfg)
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -140,23 +152,27 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     os.makedirs(workdir, exist_ok=True)
     summaries: dict[str, Any] = {}
     start_model = config.init_from
+    trained = []  # the stages with curves and a row in the table
     for stage in stages:
         name = stage_algo(stage)[0]
         print(f"=== stage {name} ===")
-        summaries[name] = loop.run(stage_config(config, stage, start_model, workdir),
-                                   os.path.join(workdir, name))
+        cfg = stage_config(config, stage, start_model, workdir)
+        run = NON_TRAINING[cfg.algo][1] if cfg.algo in NON_TRAINING else loop.run
+        summaries[name] = run(cfg, os.path.join(workdir, name))
+        if cfg.algo not in NON_TRAINING:
+            trained.append(name)
         if name == "sft":
             start_model = os.path.join(workdir, "sft", "final_params")
 
     rows = {}
     if "sft" in summaries:
         rows["base"] = table_row(summaries["sft"], "initial")
-    for stage, summary in summaries.items():
-        rows[stage] = table_row(summary, "final")
+    for stage in trained:
+        rows[stage] = table_row(summaries[stage], "final")
     out = {"stages": summaries, "table": rows}
     if jax.process_index() == 0:
         print(format_table(rows))
-        plot_curves(workdir, list(summaries), os.path.join(workdir, "curves.png"))
+        plot_curves(workdir, trained, os.path.join(workdir, "curves.png"))
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(out, f, indent=2)
     return out

@@ -52,7 +52,8 @@ def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
                                max_new_tokens=config.eval.max_new_tokens, seed=config.seed,
                                ref_params=start_params,
                                batch_size=config.eval.batch_size,
-                               temperature=config.eval.temperature)
+                               temperature=config.eval.temperature,
+                               win_rate=bool(config.eval.get("win_rate", False)))
     return evaluate
 
 
