@@ -22,7 +22,8 @@ CASES = {
 }
 
 
-def compile_divergence(topology, dtype, tokens, hidden_s, hidden_t, vocab, beta, frozen):
+def compile_divergence(topology, dtype, tokens, hidden_s, hidden_t, vocab, beta, frozen,
+                       impl="pallas_tpu"):
     """Compiles value_and_grad of the summed divergence; returns compile facts."""
     import jax
     import jax.numpy as jnp
@@ -41,7 +42,7 @@ def compile_divergence(topology, dtype, tokens, hidden_s, hidden_t, vocab, beta,
         if frozen:
             ht, wt = jax.lax.stop_gradient((ht, wt))
         return jnp.sum(token_divergence(hs, ws, ht, wt, beta=beta, temperature=0.8,
-                                        impl="pallas_tpu", student_softcap=30.0))
+                                        impl=impl, student_softcap=30.0))
 
     argnums = (0, 1) if frozen else (0, 1, 2, 3)
     compiled = jax.jit(jax.value_and_grad(loss, argnums=argnums)).lower(*args).compile()
