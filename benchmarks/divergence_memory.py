@@ -107,7 +107,8 @@ def main():
             result["xla"]["temp_bytes"] / max(1, result["chunked"]["temp_bytes"]), 1)
         print(f"ratio xla / chunked temporaries: {result['temp_ratio_xla_over_chunked']}x")
     print(json.dumps(dict(tokens=n, vocab=v, hidden_student=hs, hidden_teacher=ht,
-                          beta=args.beta, frozen_teacher=args.frozen_teacher, cpu=_cpu_model(), cores=os.cpu_count(),
+                          beta=args.beta, frozen_teacher=args.frozen_teacher,
+                          cpu=_cpu_model(), cores=os.cpu_count(),
                           backend=jax.default_backend(), **result)))
 
 

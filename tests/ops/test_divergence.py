@@ -62,7 +62,7 @@ def _value_and_vjp(fn, args, cot):
 
 def _check_against_float64(impl, args, *, tol=2e-5, **kw):
     cot = jax.random.normal(jax.random.key(7), args[0].shape[:-1])
-    fn = lambda *a: token_divergence(*a, impl=impl, block_sizes=BLOCKS.get(impl), **kw)  # noqa: E731
+    fn = functools.partial(token_divergence, impl=impl, block_sizes=BLOCKS.get(impl), **kw)
     if impl == "pallas_tpu":
         with pltpu.force_tpu_interpret_mode(TPU_INTERPRET):
             got, grads = jax.block_until_ready(jax.jit(_value_and_vjp, static_argnums=0)(
