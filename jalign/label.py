@@ -36,7 +36,6 @@ from jalign.best_of_n import sample_best_of_n
 from jalign.config_utils import resolve_start
 from jalign.data import load_records
 from jalign.data.prompts import PROMPT_IDS_KEY, prepare_prompt_records
-from jalign.models import pretrained
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import decoder_init_fn
 from jalign.tasks import get_task

@@ -7,7 +7,8 @@ function cannot score a sample (left out of that function's mean, and adding 0 t
 the weighted sum, as TRL does). `config.rl.reward_sources` names them: "gold" (a
 built-in task's gold reward), "model" (a trained jalign reward model,
 `config.rl.reward_model`, or an ensemble of them: a comma list combined by
-`config.rl.reward_ensemble`, see `combine_ensemble`), a built-in of `jalign.rewards` ("math_answer",
+`config.rl.reward_ensemble`, see `combine_ensemble`), "judge" (a pointwise language-model
+judge, `config.judge`, see `jalign.judges`), a built-in of `jalign.rewards` ("math_answer",
 "think_answer_format", "soft_overlong:max=..,cache=..", ...) or
 "python:module.function"; `config.rl.reward_weights` weights them.
 
@@ -27,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jalign import rewards
+from jalign import judges, rewards
 from jalign.data.prompts import reward_columns
 from jalign.data.sources import ORIGIN_KEY
 
@@ -192,11 +193,13 @@ class CombinedReward:
 
 
 def build_sources(spec_sources: Sequence[str], weights: Sequence[float], *,
-                  gold: Callable | None, reward_model: Callable[[], Callable]) -> CombinedReward:
+                  gold: Callable | None, reward_model: Callable[[], Callable],
+                  judge: Callable[[], Callable] | None = None) -> CombinedReward:
     """`config.rl.reward_sources` as reward functions (see the module docstring).
 
     `gold`: the built-in task's gold reward in TRL's convention (None when the data is
-    not a task); `reward_model()`: builds the trained reward model's function.
+    not a task); `reward_model()`: builds the trained reward model's function;
+    `judge()`: builds the pointwise judge's (e.g. `judge_reward(config.judge)`).
     """
     sources = []
     for source, weight in zip(spec_sources, weights):
@@ -208,6 +211,10 @@ def build_sources(spec_sources: Sequence[str], weights: Sequence[float], *,
             sources.append(RewardSource.of("gold", gold, weight))
         elif source == "model":
             sources.append(RewardSource.of("model", reward_model(), weight))
+        elif source == "judge":
+            if judge is None:
+                raise ValueError("reward source 'judge' is not available here")
+            sources.append(RewardSource.of("judge", judge(), weight))
         else:
             name, fn = rewards.resolve(source)
             sources.append(RewardSource.of(name, fn, weight))
@@ -225,3 +232,19 @@ def task_gold_reward(task) -> Callable:
         return [float(x) for x in task.gold_reward(prompts, completions)]
     gold.__name__ = f"{task.name}_gold"
     return gold
+
+
+def judge_reward(judge_config) -> Callable:
+    """`config.judge` (kind "pointwise") as a reward function: each completion's judge
+    score, the mean over the constitution's principles (`jalign.judges.Judge.pointwise`)."""
+    spec = judges.judge_spec(judge_config)
+    if spec.kind != "pointwise":
+        raise ValueError("reward source 'judge' scores each completion alone: set "
+                         f"config.judge.kind='pointwise' (it is {spec.kind!r})")
+    judge = judges.cached_judge(spec)
+
+    def judge_score(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        del columns
+        shown = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+        return [float(x) for x in judge.pointwise([p.strip() for p in shown], completions)]
+    return judge_score

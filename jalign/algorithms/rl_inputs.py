@@ -18,7 +18,7 @@ import numpy as np
 from jalign.algorithms.common import (check_vocab, load_tokenizer, report_skips,
                                       report_truncation)
 from jalign.algorithms.reward_sources import (CombinedReward, build_sources, check_columns,
-                                              combine_ensemble, task_gold_reward)
+                                              combine_ensemble, judge_reward, task_gold_reward)
 from jalign.algorithms.rl_spec import RlSpec
 from jalign.best_of_n import best_of_n_metrics, sample_best_of_n
 from jalign.checkpoint import load_params
@@ -96,7 +96,8 @@ def rl_inputs(config, spec: RlSpec, model_cfg: ModelConfig) -> RlInputs:
     reward = build_sources(spec.reward_sources, spec.reward_weights,
                            gold=task_gold_reward(task) if task is not None else None,
                            reward_model=lambda: reward_model_fn(spec, model_cfg, tokenizer,
-                                                                 data.max_length))
+                                                                 data.max_length),
+                           judge=lambda: judge_reward(config.judge))
     check_columns(reward.sources, list(reward_columns(train)), where)
     return RlInputs(tokenizer, task, train, held, reward, report, truncated)
 
