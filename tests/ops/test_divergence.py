@@ -106,10 +106,11 @@ def test_softcaps_per_model(impl):
 def test_endpoints_follow_trl_and_the_mixture_vanishes_at_them():
     """beta = 0 is KL(P_t || P_s) and 1 is KL(P_s || P_t) (TRL special-cases both);
     the mixture formula itself is ~ beta KL(P_t || P_s) near 0 and ~ (1 - beta)
-    KL(P_s || P_t) near 1, so the op is discontinuous at the endpoints."""
+    KL(P_s || P_t) near 1, so the op is discontinuous at the endpoints. (The public
+    dispatch is shared; every impl's endpoint values are checked above.)"""
     args = _inputs()
     div = lambda beta: np.asarray(jax.jit(functools.partial(  # noqa: E731
-        token_divergence, beta=beta, block_sizes=BLOCKS["chunked"]))(*args), np.float64)
+        token_divergence, beta=beta, impl="xla"))(*args), np.float64)
     with jax.enable_x64(True):
         forward_kl = np.asarray(_reference(*[np.asarray(x, np.float64) for x in args], beta=0))
         reverse_kl = np.asarray(_reference(*[np.asarray(x, np.float64) for x in args], beta=1))
@@ -142,8 +143,9 @@ def test_frozen_teacher_student_gradients_unchanged():
         h, w, jax.lax.stop_gradient(ht), jax.lax.stop_gradient(wt), **kw))
     full = lambda h, w, h_t, w_t: jnp.sum(token_divergence(h, w, h_t, w_t, **kw))  # noqa: E731
     got = jax.jit(jax.grad(frozen, argnums=(0, 1)))(hs, ws)
-    want = jax.jit(jax.grad(full, argnums=(0, 1, 2, 3)))(hs, ws, ht, wt)
-    chex.assert_trees_all_close(got, want[:2], rtol=1e-6, atol=1e-7)
+    want = jax.jit(jax.grad(lambda h, w: jnp.sum(token_divergence(
+        h, w, ht, wt, beta=0.5, impl="xla")), argnums=(0, 1)))(hs, ws)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
     dots = lambda f, n, *a: str(jax.make_jaxpr(  # noqa: E731
         jax.grad(f, argnums=tuple(range(n))))(*a)).count("dot_general")
     assert dots(frozen, 2, hs, ws) < dots(full, 4, hs, ws, ht, wt)
@@ -153,12 +155,10 @@ def test_bfloat16_inputs_and_leading_dims():
     impl = "chunked"
     hs, ws, ht, wt = _inputs(n=30, dtype=jnp.bfloat16)
     shaped = (hs.reshape(5, 6, -1), ws, ht.reshape(5, 6, -1), wt)
-    fn = lambda *a: jnp.sum(token_divergence(  # noqa: E731
-        *a, beta=0.5, temperature=0.7, impl=impl, block_sizes=BLOCKS.get(impl)))
-    grads = jax.jit(jax.grad(fn, argnums=(0, 1, 2, 3)))(*shaped)
+    fn = functools.partial(token_divergence, beta=0.5, temperature=0.7, impl=impl,
+                           block_sizes=BLOCKS.get(impl))
+    got, grads = jax.jit(lambda *a: _value_and_vjp(fn, a, jnp.ones((5, 6))))(*shaped)
     assert [g.dtype for g in grads] == [jnp.bfloat16] * 4
-    got = jax.jit(functools.partial(token_divergence, beta=0.5, temperature=0.7, impl=impl,
-                                    block_sizes=BLOCKS.get(impl)))(*shaped)
     assert got.shape == (5, 6) and got.dtype == jnp.float32
     with jax.enable_x64(True):
         want = np.asarray(_reference(*[np.asarray(x.astype(jnp.float32), np.float64)
