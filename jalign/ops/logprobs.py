@@ -17,15 +17,20 @@ Implementations (`impl=`):
   "auto"     "chunked" on every backend for now: the Pallas kernels are checked in
              interpret mode and (TPU) by ahead-of-time Mosaic compiles, but not yet
              timed on hardware (benchmarks/logprobs_gpu.py, benchmarks/RESULTS.md).
+
+Context parallelism: [B, T, H] hidden states split along T over a "sequence" mesh
+axis are scored per device on its own tokens (shard_map), not gathered whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jalign.ops._chunked import token_logprobs_chunked
 from jalign.ops._pallas_gpu import token_logprobs_pallas_gpu
@@ -154,6 +159,14 @@ def token_logprobs(hidden_NxH, unembed_HxV, targets_N, *, temperature: float = 1
         raise ValueError("return_mean_logit needs logit_softcap=None: the mean of soft-capped "
                          "logits is not a function of the mean logit")
 
+    kwargs = dict(temperature=temperature, logit_softcap=logit_softcap, return_lse=return_lse,
+                  return_entropy=return_entropy, return_max_logit=return_max_logit,
+                  return_mean_logit=return_mean_logit, impl=impl, block_tokens=block_tokens,
+                  block_vocab=block_vocab)
+    split = _sequence_split(hidden_NxH)
+    if split is not None:
+        return _over_sequence_shards(hidden_NxH, unembed_HxV, targets_N, *split, **kwargs)
+
     lead_shape = targets_N.shape
     hidden_size, vocab = unembed_HxV.shape
     # One compute dtype for the matmul; autodiff casts the cotangents back.
@@ -193,3 +206,40 @@ def token_logprobs(hidden_NxH, unembed_HxV, targets_N, *, temperature: float = 1
         max_logit=(jax.lax.stop_gradient(max_N).reshape(lead_shape)
                    if return_max_logit else None),
         mean_logit=mean_logit)
+
+
+def _sequence_split(hidden_BxTxH):
+    """(row axes, sequence shards) when [B, T, H] hidden states lie token-split over a
+    "sequence" mesh axis (context parallelism) that this op can follow, else None.
+
+    Flattening [B, T] with T split is not a split of the flattened tokens: GSPMD
+    would gather every row whole onto every device and each would compute all of
+    its logits. Not with a "tensor" axis > 1 (the vocabulary-split path combines
+    partial statistics, jalign.ops._sharded); GSPMD keeps that case correct.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if hidden_BxTxH.ndim != 3 or mesh.empty or "sequence" not in mesh.axis_names:
+        return None
+    usable = {a: n for a, n in mesh.shape.items() if n > 1 and a not in set(mesh.manual_axes)}
+    if usable.get("sequence", 1) == 1 or "tensor" in usable:
+        return None
+    rows = tuple(a for a in ("data", "fsdp") if a in usable)
+    if hidden_BxTxH.shape[0] % math.prod(usable[a] for a in rows):
+        rows = ()
+    return rows, usable["sequence"]
+
+
+def _over_sequence_shards(hidden_BxTxH, unembed_HxV, targets_BxT, rows, shards, **kwargs):
+    """`token_logprobs` per device on its rows' slice of tokens (shard_map); T is padded
+    to a multiple of the shards with ignored targets and the outputs sliced back."""
+    t = targets_BxT.shape[1]
+    pad = -t % shards
+    if pad:
+        hidden_BxTxH = jnp.pad(hidden_BxTxH, ((0, 0), (0, pad), (0, 0)))
+        targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)), constant_values=-1)
+    tokens = P(rows or None, "sequence")
+    # check_vma=False as in jalign.ops._sharded: the transpose sums dW over the token axes.
+    out = jax.shard_map(lambda h, w, tg: token_logprobs(h, w, tg, **kwargs),
+                        in_specs=(tokens, P(), tokens), out_specs=tokens,
+                        check_vma=False)(hidden_BxTxH, unembed_HxV, targets_BxT)
+    return jax.tree.map(lambda x: x[:, :t], out)
