@@ -113,7 +113,12 @@ def logical_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules) -> Any:
 
 
 def data_sharding(mesh: Mesh, rules) -> NamedSharding:
-    """Sharding of a [batch, ...] array: batch over the axes the "batch" rule names."""
+    """Sharding of a [batch, ...] array: batch over the axes the "batch" rule names.
+
+    Not split over "sequence": one sharding fits every leaf of a batch ([B] per-row
+    values, [B, T] ids of any width T), and the token ids are a few bytes a token; the
+    decoder's first activation constraint splits the tokens (a local slice, no
+    communication)."""
     spec = nn.logical_to_mesh_axes(("batch",), rules)
     return NamedSharding(mesh, P(*spec))
 
