@@ -298,7 +298,8 @@ def fit_check(config: ml_collections.ConfigDict, topology: str, *,
     optimizer, _ = make_optimizer(config.optimizer, config.train.num_steps)
     state, state_shardings = abstract_train_state(
         setup.params_init_fn, optimizer, mesh, rules, seed=config.seed,
-        with_reference=setup.with_reference, model_cfg=model_cfg)
+        with_reference=setup.with_reference, model_cfg=model_cfg,
+        frozen_subtrees=setup.frozen_subtrees)
     batch_sharding = shd.data_sharding(mesh, rules)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in abstract_batch(config, spec).items()}
