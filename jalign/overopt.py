@@ -70,7 +70,7 @@ class Sizes:
     max_new_tokens: int = 40
 
 
-SIZES = {"full": Sizes(), "small": Sizes(sft_steps=150, reward_steps=100, rl_steps=32,
+SIZES = {"full": Sizes(), "small": Sizes(sft_steps=150, reward_steps=100, rl_steps=24,
                                           eval_every=8, max_n=16)}
 
 
