@@ -159,3 +159,14 @@ def test_judge_reward_source_scores_each_completion(params, monkeypatch):
     assert "rewards/judge/mean" in metrics
     with pytest.raises(ValueError, match="config.judge.kind='pointwise'"):
         judge_reward(_judge_config(kind="pairwise"))
+
+
+@pytest.mark.slow
+def test_cai_tiny_runs_sft_label_dpo_end_to_end(tmp_path):
+    config = _cai_test_config()
+    out = pipeline.run_pipeline(config, str(tmp_path))
+    rows, _ = load_preference_records(str(tmp_path / "label" / label.PAIRS_FILE))
+    assert len(rows) == out["stages"]["label"]["final_metrics"]["label/pairs_written"] > 0
+    final = out["stages"]["dpo"]["final"]
+    assert "gold_reward/greedy" in final and 0.0 <= final["winrate/length_controlled"] <= 1.0
+    assert set(out["table"]) == {"base", "sft", "dpo"}
