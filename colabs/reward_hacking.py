@@ -33,9 +33,21 @@
 # The last cell prints the numbers and says plainly what happened. CI runs it small
 # (`JALIGN_NOTEBOOK_SMALL=1`), with fewer steps, a weaker proxy and n <= 16: its
 # curves are noisier and its fits rest on few points.
-#
-# On Colab, first install jalign from the repository:
-# `!pip install -q git+https://github.com/<you>/jalign` (or `pip install -e .` in a clone).
+
+# %%
+# Setup: on a fresh runtime (e.g. Colab) clone jalign and install it; where jalign
+# is installed already this cell does nothing. JALIGN_REPO: the repository to clone.
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("jalign") is None:
+    repo = os.environ.get("JALIGN_REPO", "https://github.com/<you>/jalign")
+    subprocess.check_call(["git", "clone", "-q", "--depth=1", repo, "jalign"])
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", "jalign"])
+    sys.path.insert(0, os.path.abspath("jalign"))  # this kernel started before the install
+    os.chdir(os.path.join("jalign", "colabs"))
 
 # %%
 import dataclasses
