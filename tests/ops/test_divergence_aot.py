@@ -7,12 +7,11 @@ endpoints (one), a frozen teacher (student gradients only), bf16 and f32, and
 ragged sizes that need padding.
 """
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
+
+from tests.ops.tpu_topology import compiled_cases, print_cases
 
 # name: (topology, dtype, tokens, student hidden, teacher hidden, vocab, beta, frozen teacher)
 CASES = {
@@ -52,37 +51,9 @@ def compile_divergence(topology, dtype, tokens, hidden_s, hidden_t, vocab, beta,
                 mosaic_kernels=text.count('custom_call_target="tpu_custom_call"'))
 
 
-def _child(names):
-    try:
-        from jax.experimental import topologies
-        topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
-    except Exception as e:  # noqa: BLE001 - any failure here means no topology client
-        print(json.dumps({"unavailable": f"{type(e).__name__}: {e}"[:500]}))
-        return
-    print(json.dumps({name: compile_divergence(*CASES[name]) for name in names}))
-
-
-def _run_in_subprocess(names, timeout=600):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *names], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        raise AssertionError(f"AOT subprocess failed (rc={proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1])
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    results = _run_in_subprocess(list(CASES))
-    if "unavailable" in results:
-        pytest.skip("TPU topology client (libtpu, jax.experimental.topologies) unavailable: "
-                    + results["unavailable"])
-    return results
+    return compiled_cases(__file__, list(CASES))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -103,4 +74,4 @@ def test_divergence_kernels_compile_without_tokens_x_vocab_temporaries(compiled,
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1:])
+    print_cases(compile_divergence, CASES, sys.argv[1:])

@@ -8,12 +8,11 @@ out of the test process; ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets it start while
 another process holds libtpu's lock file.
 """
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
+
+from tests.ops.tpu_topology import compiled_cases, print_cases
 
 # name: (topology, dtype, tokens, hidden, vocab, (data, fsdp, tensor) mesh or None,
 #        whether the caller runs the op inside its own shard_map over every axis)
@@ -75,38 +74,9 @@ def compile_fwd_bwd(topology, dtype, tokens, hidden, vocab, mesh_shape, in_calle
                 all_gathers=text.count("all-gather"), all_reduces=text.count("all-reduce"))
 
 
-def _child(names):
-    """Prints one JSON line: compile facts per case, or why no TPU topology exists."""
-    try:
-        from jax.experimental import topologies
-        topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
-    except Exception as e:  # noqa: BLE001 - any failure here means no topology client
-        print(json.dumps({"unavailable": f"{type(e).__name__}: {e}"[:500]}))
-        return
-    print(json.dumps({name: compile_fwd_bwd(*CASES[name]) for name in names}))
-
-
-def run_in_subprocess(names, timeout=600):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *names], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        raise AssertionError(f"AOT subprocess failed (rc={proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1])
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    results = run_in_subprocess(list(CASES))
-    if "unavailable" in results:
-        pytest.skip("TPU topology client (libtpu, jax.experimental.topologies) unavailable: "
-                    + results["unavailable"])
-    return results
+    return compiled_cases(__file__, list(CASES))
 
 
 @pytest.mark.parametrize("name", [n for n, case in CASES.items() if case[5] is None])
@@ -139,4 +109,4 @@ def test_op_compiles_inside_a_callers_shard_map(compiled):
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1:])
+    print_cases(compile_fwd_bwd, CASES, sys.argv[1:])
