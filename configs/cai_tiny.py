@@ -21,9 +21,13 @@ Variants (`--config=configs/cai_tiny.py:VARIANT[,VARIANT]`):
         ("stage:sft", no download) with one-character labels.
 """
 
+import pathlib
+import runpy
+
 import ml_collections
 
-from jalign.config_utils import base_config
+_quickstart = runpy.run_path(str(pathlib.Path(__file__).with_name("quickstart.py")))
+
 
 CONSTITUTION = "configs/constitutions/helpful_concise.txt"
 
@@ -34,19 +38,7 @@ def get_config(arg: str = ""):
     if unknown:
         raise ValueError(f"configs/cai_tiny.py: unknown variant(s) {sorted(unknown)}; "
                          "valid: 'gold', 'test'")
-    config = base_config()  # the quickstart's task, model and SFT / DPO settings
-    config.data.task = "sort"
-    config.data.batch_size = 32
-    config.data.max_length = 48
-    config.data.max_prompt_length = 32
-    config.data.demo_quality = 0.5
-    config.optimizer.learning_rate = 3e-3
-    config.optimizer.warmup_steps = 20
-    config.train.num_steps = 300
-    config.train.eval_every = 150
-    config.train.checkpoint_every = 100
-    config.eval.num_prompts = 128
-    config.eval.max_new_tokens = 16
+    config = _quickstart["sort_task_config"]()  # the quickstart's task, model, SFT settings
     config.pipeline.stages = "sft,label,dpo"
     config.pipeline.sft = ml_collections.ConfigDict()
     config.pipeline.dpo = ml_collections.ConfigDict({

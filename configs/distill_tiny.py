@@ -23,9 +23,13 @@ Variants (`--config=configs/distill_tiny.py:VARIANT[,VARIANT]`):
 Any key can be overridden, e.g. `--config.pipeline.distill.distill.beta=0`.
 """
 
+import pathlib
+import runpy
+
 import ml_collections
 
-from jalign.config_utils import base_config
+_quickstart = runpy.run_path(str(pathlib.Path(__file__).with_name("quickstart.py")))
+
 
 TEACHER_MODEL = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=344)  # the quickstart's ("tiny")
@@ -34,21 +38,9 @@ STUDENT_MODEL = dict(hidden_size=48, num_layers=1, num_heads=2, num_kv_heads=1,
 
 
 def get_config(arg: str = ""):
-    config = base_config()
+    config = _quickstart["sort_task_config"]()
     for key, value in STUDENT_MODEL.items():
         config.model[key] = value
-    config.data.task = "sort"
-    config.data.batch_size = 32
-    config.data.max_length = 48
-    config.data.max_prompt_length = 32
-    config.data.demo_quality = 0.5
-    config.optimizer.learning_rate = 3e-3
-    config.optimizer.warmup_steps = 20
-    config.train.num_steps = 300
-    config.train.eval_every = 150
-    config.train.checkpoint_every = 100
-    config.eval.num_prompts = 128
-    config.eval.max_new_tokens = 16
     config.distill.teacher = "stage:teacher"
     config.distill.max_new_tokens = 16
     config.pipeline.stages = "teacher=sft,sft,sft_longer=sft,distill"

@@ -22,7 +22,9 @@ import ml_collections
 from jalign.config_utils import base_config
 
 
-def get_config(arg: str = ""):
+def sort_task_config():
+    """The quickstart's task and SFT settings (shared by configs/cai_tiny.py and
+    configs/distill_tiny.py): `sort` with half-imperfect demonstrations, 300 steps."""
     config = base_config()
     config.data.task = "sort"
     config.data.batch_size = 32
@@ -36,6 +38,11 @@ def get_config(arg: str = ""):
     config.train.checkpoint_every = 100
     config.eval.num_prompts = 128
     config.eval.max_new_tokens = 16
+    return config
+
+
+def get_config(arg: str = ""):
+    config = sort_task_config()
     config.pipeline.stages = "sft,reward,dpo"
     config.pipeline.sft = ml_collections.ConfigDict()
     config.pipeline.reward = ml_collections.ConfigDict({
