@@ -33,8 +33,7 @@ from jax.experimental import multihost_utils
 from jalign.algorithms.common import (AlgorithmSetup, check_vocab, load_start_params,
                                       load_tokenizer, summarize_run, task_evaluator)
 from jalign.algorithms.rollout import batch_sharding, local_rows, make_sampler
-from jalign.algorithms.sft import sft_records
-from jalign.data import make_sft_dataset
+from jalign.algorithms.sft import sft_dataset_fn, sft_records
 from jalign.generate import left_pad
 from jalign.models import pretrained
 from jalign.models.config import ModelConfig
@@ -191,19 +190,7 @@ def setup(config, model_cfg: ModelConfig, spec: DistillSpec, workdir: str) -> Al
                          f"({teacher_cfg.vocab_size}) is smaller than the tokenizer's vocabulary "
                          f"({tokenizer.vocab_size})")
     task, records, report, truncated = sft_records(config, tokenizer)
-    data = config.data
-
-    def dataset(process_index, process_count):
-        if data.batch_size % process_count:
-            raise ValueError(f"config.data.batch_size ({data.batch_size}) must be divisible by "
-                             f"the number of processes ({process_count})")
-        return make_sft_dataset(
-            records, tokenizer, batch_size=data.batch_size // process_count,
-            max_length=data.max_length, seed=config.seed, packing=data.packing,
-            max_prompt_length=data.max_prompt_length, truncation=data.truncation,
-            shard_index=process_index, shard_count=process_count, on_bad_row=data.on_bad_row,
-            pad_to_multiple_of=data.pad_to_multiple_of,
-            bucket_boundaries=data.bucket_boundaries)
+    dataset = sft_dataset_fn(config, records, tokenizer)
 
     student_init, teacher_init = decoder_init_fn(model_cfg), decoder_init_fn(teacher_cfg)
 

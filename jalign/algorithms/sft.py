@@ -49,11 +49,8 @@ def spec(config) -> None:
     del config
 
 
-def setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
-    del spec, workdir
-    tokenizer = load_tokenizer(config)
-    check_vocab(model_cfg, tokenizer)
-    task, records, report, truncated = sft_records(config, tokenizer)
+def sft_dataset_fn(config, records, tokenizer):
+    """`dataset(process_index, process_count)`: this process's share of the SFT batches."""
     data = config.data
 
     def dataset(process_index, process_count):
@@ -69,6 +66,15 @@ def setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
             pad_to_multiple_of=data.pad_to_multiple_of,
             bucket_boundaries=data.bucket_boundaries)
 
+    return dataset
+
+
+def setup(config, model_cfg: ModelConfig, spec, workdir: str) -> AlgorithmSetup:
+    del spec, workdir
+    tokenizer = load_tokenizer(config)
+    check_vocab(model_cfg, tokenizer)
+    task, records, report, truncated = sft_records(config, tokenizer)
+    dataset = sft_dataset_fn(config, records, tokenizer)
     return AlgorithmSetup(dataset=dataset,
                           load_params=load_start_params(config),
                           evaluate=task_evaluator(config, model_cfg, tokenizer, task),
