@@ -1,8 +1,10 @@
 """The sampler: jitted prefill + KV-cache decode with static shapes.
 
 Prompts are left-padded so every prompt ends at the same slot; one prefill pass
-fills the cache, then a `lax.fori_loop` decodes one token per step for every
-sequence, stopping per sequence at EOS or a stop token. Sampling supports
+fills the cache, then a `lax.while_loop` (`decode_steps`) decodes one token per
+step for every sequence, stopping per sequence at EOS or a stop token and ending
+once every sequence has stopped. Multi-turn rollouts (jalign.algorithms.episodes)
+run the same loop again from the cache after prefilling each observation. Sampling supports
 temperature, top-k, top-p and min-p; each token inverts the CDF of the filtered
 distribution at a uniform drawn before the loop (so the loop generates no random
 bits). The returned behaviour log-probs are those of the tempered (unfiltered)
@@ -84,26 +86,33 @@ def _argmax(x_BxV):
     return jnp.minimum(first, x_BxV.shape[-1] - 1)  # NaN rows: no maximum found
 
 
-@partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_id", "pad_id", "greedy",
-                                   "top_k", "stop_ids"))
-def generate(params, config: ModelConfig, prompt_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
-             eos_id: int, pad_id: int, greedy: bool = False, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             stop_ids: tuple[int, ...] = ()) -> Samples:
-    """Samples up to `max_new_tokens` per prompt with a KV cache; see `Samples`."""
-    b, p = prompt_BxP.shape
-    model = Decoder(config)
-    # Split the stacked layers once, outside the loop (XLA does not hoist the slices).
-    variables = {"params": unstack_layers(params, config)}
-    cache = init_cache(config, b, p + max_new_tokens)
-    positions = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
-    hidden, cache = model.apply(variables, prompt_BxP, positions, prompt_mask_BxP,
-                                cache=cache, cache_index=0)
-    stops = jnp.asarray((eos_id,) + tuple(stop_ids), jnp.int32)
-    u_NxB = 1.0 - jax.random.uniform(rng, (max_new_tokens, b))  # in (0, 1]
+def decode_steps(params, config: ModelConfig, cache, h_last_BxH, pos_B, done_B, start, limit,
+                 u_NxB, *, eos_id: int, pad_id: int, greedy: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0, stop_ids: tuple[int, ...] = (), variables=None):
+    """The decode loop every sampler shares: up to `limit` (<= N, the uniforms' length)
+    tokens per row into cache slots [start, start + steps), stopping early once every row
+    is done (EOS or a stop token; rows done on entry only write masked padding).
 
-    def body(i, carry):
-        cache, h_last, pos, done, tokens, mask, logps = carry
+    `h_last_BxH` is each row's last hidden state, `pos_B` its last position. Returns
+    (cache, h_last, pos, done, tokens [B, N], mask [B, N], logps [B, N], steps): the
+    generated tokens (pad after a row's end), 1 on generated tokens up to and including
+    the stop, their behaviour log-probs (tempered, unfiltered; 0 elsewhere) and the
+    number of slots used.
+    """
+    model = Decoder(config)
+    if variables is None:
+        variables = {"params": unstack_layers(params, config)}
+    n, b = u_NxB.shape
+    stops = jnp.asarray((eos_id,) + tuple(stop_ids), jnp.int32)
+    limit = jnp.minimum(jnp.asarray(limit, jnp.int32), n)
+
+    def cond(carry):
+        i, done = carry[0], carry[4]
+        return (i < limit) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, h_last, pos, done, tokens, mask, logps = carry
         logits = logits_from_hidden(h_last[:, None], params, config)[:, 0] / temperature
         logp_all = jax.nn.log_softmax(logits, axis=-1)
         if greedy:
@@ -119,14 +128,36 @@ def generate(params, config: ModelConfig, prompt_BxP, prompt_mask_BxP, rng, *, m
             logp_all, nxt[:, None], axis=-1)[:, 0]))
         pos = pos + live
         hidden, cache = model.apply(variables, nxt[:, None], pos[:, None], live[:, None],
-                                    cache=cache, cache_index=p + i)
+                                    cache=cache, cache_index=start + i)
         done = done | jnp.isin(nxt, stops)
-        return cache, hidden[:, 0], pos, done, tokens, mask, logps
+        return i + 1, cache, hidden[:, 0], pos, done, tokens, mask, logps
 
-    init = (cache, hidden[:, -1], positions[:, -1], jnp.zeros((b,), bool),
-            jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-            jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b, max_new_tokens), jnp.float32))
-    _, _, _, _, tokens, mask, logps = jax.lax.fori_loop(0, max_new_tokens, body, init)
+    init = (jnp.int32(0), cache, h_last_BxH, pos_B, done_B, jnp.full((b, n), pad_id, jnp.int32),
+            jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), jnp.float32))
+    i, cache, h_last, pos, done, tokens, mask, logps = jax.lax.while_loop(cond, body, init)
+    return cache, h_last, pos, done, tokens, mask, logps, i
+
+
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_id", "pad_id", "greedy",
+                                   "top_k", "stop_ids"))
+def generate(params, config: ModelConfig, prompt_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
+             eos_id: int, pad_id: int, greedy: bool = False, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             stop_ids: tuple[int, ...] = ()) -> Samples:
+    """Samples up to `max_new_tokens` per prompt with a KV cache; see `Samples`."""
+    b, p = prompt_BxP.shape
+    # Split the stacked layers once, outside the loop (XLA does not hoist the slices).
+    variables = {"params": unstack_layers(params, config)}
+    cache = init_cache(config, b, p + max_new_tokens)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
+    hidden, cache = Decoder(config).apply(variables, prompt_BxP, positions, prompt_mask_BxP,
+                                          cache=cache, cache_index=0)
+    u_NxB = 1.0 - jax.random.uniform(rng, (max_new_tokens, b))  # in (0, 1]
+    out = decode_steps(params, config, cache, hidden[:, -1], positions[:, -1],
+                       jnp.zeros((b,), bool), p, max_new_tokens, u_NxB, eos_id=eos_id,
+                       pad_id=pad_id, greedy=greedy, temperature=temperature, top_k=top_k,
+                       top_p=top_p, min_p=min_p, stop_ids=stop_ids, variables=variables)
+    tokens, mask, logps = out[4:7]
     return Samples(jnp.concatenate([prompt_BxP, tokens], axis=1), mask, logps)
 
 

@@ -86,13 +86,15 @@ class Tokenizer:
             [int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = False
+        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = False,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> str:
         """Renders ``messages`` with the chat template in a Jinja2 sandbox.
 
         The template sees ``messages``, ``add_generation_prompt``,
-        ``bos_token``, ``eos_token``, ``pad_token`` and ``raise_exception(msg)``,
-        as Hugging Face templates expect.
+        ``bos_token``, ``eos_token``, ``pad_token``, ``tools`` (JSON schemas of the
+        tools the model may call, or None; see jalign.tools.function_schema) and
+        ``raise_exception(msg)``, as Hugging Face templates expect.
 
         Raises:
           ValueError: no chat template, or the template fails to compile or
@@ -108,6 +110,7 @@ class Tokenizer:
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token,
                 pad_token=self.pad_token,
+                tools=list(tools) if tools else None,
             )
         except Exception as e:  # Any failure inside a user template.
             raise ValueError(f"chat template failed: {type(e).__name__}: {e}") from e
