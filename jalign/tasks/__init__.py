@@ -11,11 +11,13 @@ import dataclasses
 
 from jalign.tasks.add import AddTask
 from jalign.tasks.base import SPLITS, Task
+from jalign.tasks.calc import CalcTask
+from jalign.tasks.guess import GuessEnvironment, GuessTask
 from jalign.tasks.sentiment import SentimentTask
 from jalign.tasks.sort import SortTask
 
 _REGISTRY: dict[str, type[Task]] = {
-    task.name: task for task in (SortTask, AddTask, SentimentTask)
+    task.name: task for task in (SortTask, AddTask, SentimentTask, CalcTask, GuessTask)
 }
 TASKS: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -39,4 +41,5 @@ def get_task(name: str, **options) -> Task:
     return cls(**options)
 
 
-__all__ = ["AddTask", "SPLITS", "SentimentTask", "SortTask", "TASKS", "Task", "get_task"]
+__all__ = ["AddTask", "CalcTask", "GuessEnvironment", "GuessTask", "SPLITS", "SentimentTask",
+           "SortTask", "TASKS", "Task", "get_task"]

@@ -33,6 +33,7 @@ class Task(abc.ABC):
     and the hooks ``_sample_prompt``, ``reference``, ``_score`` and
     ``_imperfect`` (and ``_perfect`` when a prompt has several perfect
     answers). Completions never contain EOS; the pipeline appends it.
+    Multi-turn tasks name their rollout ``environment`` and ``tools`` ("": none).
     """
 
     name: ClassVar[str]
@@ -40,6 +41,8 @@ class Task(abc.ABC):
     eval_fraction: ClassVar[float] = 0.2
     # Share of perfect answers among the candidate generator's outputs.
     perfect_fraction: ClassVar[float] = 0.3
+    environment: ClassVar[str] = ""
+    tools: ClassVar[str] = ""
 
     # ----------------------------------------------------------------- hooks
 
