@@ -154,6 +154,18 @@ def base_config() -> ml_collections.ConfigDict:
         critic_init="",           # a reward model's final_params to start the critic from
         # DAPO dynamic sampling: drop groups whose rewards all tie, sample more prompts
         dynamic_sampling=False, dynamic_sampling_max_rounds=4,
+        # Multi-turn episodes (jalign.environments, jalign.algorithms.episodes): "" (a built-in
+        # task's own environment, else single-turn), "none" (single-turn), "tools" (calls to
+        # rl.tools), "guess" or "python:module.Class"; per-turn sampling budget is
+        # max_new_tokens; an episode ends after max_turns policy turns, or when its context
+        # (max_episode_tokens after the prompt, 0 = max_turns x (max_new_tokens +
+        # max_observation_tokens)) is full; an observation longer than
+        # max_observation_tokens ends its episode (counted in env/truncated).
+        environment="", max_turns=4, max_episode_tokens=0, max_observation_tokens=32,
+        # comma list of jalign.tools built-ins ("calculator") or "python:module.function";
+        # the call format "hermes" (<tool_call>{json}</tool_call>) or "llama3" (bare JSON);
+        # a call running longer than tool_timeout seconds becomes an error observation
+        tools="", tool_call_format="hermes", tool_timeout=5.0,
     ))
 
     # Distillation (algo=distill, GKD): the teacher (a Hugging Face folder, a jalign

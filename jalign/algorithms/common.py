@@ -45,6 +45,12 @@ def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
         task = get_task(config.eval.task)
     if task is None:
         return None
+    if getattr(task, "environment", ""):  # a multi-turn task: held-out episodes
+        from jalign.algorithms.episodes import episode_evaluator
+        rows = task.prompt_records(config.eval.num_prompts, seed=config.seed + 1, split="eval")
+        evaluate = episode_evaluator(config, model_cfg, tokenizer, task, rows)
+        if evaluate is not None:
+            return evaluate
     prompts = task.prompts(config.eval.num_prompts, seed=config.seed + 1, split="eval")
 
     def evaluate(params, start_params):

@@ -98,7 +98,8 @@ def rl_inputs(config, spec: RlSpec, model_cfg: ModelConfig) -> RlInputs:
                            reward_model=lambda: reward_model_fn(spec, model_cfg, tokenizer,
                                                                  data.max_length),
                            judge=lambda: judge_reward(config.judge))
-    check_columns(reward.sources, list(reward_columns(train)), where)
+    columns = list(reward_columns(train)) + (["conversation"] if spec.episodes else [])
+    check_columns(reward.sources, columns, where)
     return RlInputs(tokenizer, task, train, held, reward, report, truncated)
 
 
@@ -151,6 +152,10 @@ def rl_evaluator(config, model_cfg: ModelConfig, spec: RlSpec, inputs: RlInputs)
         return None
     task, reward = inputs.task, inputs.reward
     by_functions = tuple(spec.reward_sources) != ("gold",)
+    if spec.episodes is not None:
+        from jalign.algorithms.episodes import episode_evaluator
+        return episode_evaluator(config, model_cfg, inputs.tokenizer, task, held,
+                                 reward=reward if by_functions else None)
 
     def score_fn(indices, completions, lengths):
         rows = [held[i] for i in indices]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jalign.algorithms.episodes import EpisodeSpec, episode_spec
 from jalign.algorithms.preference import PreferenceSpec, pair_spec
 from jalign.algorithms.reward_sources import ENSEMBLE_COMBINATIONS
 from jalign.losses.rl import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGREGATIONS
@@ -47,6 +48,8 @@ class RlSpec:
     reward_ensemble_lambda: float = 1.0
     # online DPO: the pairwise loss (config.dpo)
     preference: PreferenceSpec | None = None
+    # multi-turn episodes with an environment (None: single-turn rollouts)
+    episodes: EpisodeSpec | None = None
 
     @property
     def uses_reference(self) -> bool:
@@ -100,6 +103,11 @@ def rl_spec(config) -> RlSpec:
         raise ValueError("config.rl.dynamic_sampling_max_rounds must be >= 0, got "
                          f"{rl.dynamic_sampling_max_rounds!r}")
     rloo = algo == "rloo"
+    task = None
+    if config.data.get("source", "task") == "task" and config.data.get("task"):
+        from jalign.tasks import get_task
+        task = get_task(config.data.task)
+    episodes = episode_spec(config, task)
     ensemble = _choice(rl, "reward_ensemble", ENSEMBLE_COMBINATIONS)
     if float(rl.reward_ensemble_lambda) < 0:
         raise ValueError("config.rl.reward_ensemble_lambda must be >= 0, got "
@@ -113,7 +121,8 @@ def rl_spec(config) -> RlSpec:
                        # RLOO folds its KL penalty into the reward instead.
                        kl_beta=0.0 if rloo else float(rl.kl_beta), kl_estimator=kl_estimator,
                        use_bias_correction_kl=bool(rl.use_bias_correction_kl),
-                       max_completion_length=int(rl.max_new_tokens),
+                       max_completion_length=episodes.episode_tokens if episodes
+                       else int(rl.max_new_tokens),
                        dual_clip=dual_clip or None,
                        # TRL's RLOO: one ratio per sequence, exp(sum_t log-ratio)
                        importance_sampling_level="sequence_sum" if rloo else level)
@@ -130,4 +139,5 @@ def rl_spec(config) -> RlSpec:
         critic_init=rl.critic_init, dynamic_sampling=bool(rl.dynamic_sampling),
         dynamic_sampling_max_rounds=int(rl.dynamic_sampling_max_rounds),
         reward_ensemble=ensemble, reward_ensemble_lambda=float(rl.reward_ensemble_lambda),
-        preference=pair_spec(config, online=True) if algo == "online_dpo" else None)
+        preference=pair_spec(config, online=True) if algo == "online_dpo" else None,
+        episodes=episodes)

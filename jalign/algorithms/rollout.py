@@ -106,6 +106,34 @@ def sample_and_score(state, params, records: Sequence[Mapping], *, sampler, toke
     return batch, put(scores), metrics, scores, repeated
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _rollout_rng(rng, step, round_):
+    rng = jax.random.fold_in(jax.random.fold_in(rng, step), ROLLOUT_STREAM)
+    return jax.random.fold_in(rng, round_) if round_ else rng
+
+
+def make_episode_sampler(model_cfg: ModelConfig, rl: RlSpec, inputs: RlInputs) -> Callable:
+    """`(state, params, records, *, sharding, round_) -> (device batch, scores on device, host
+    metrics, host scores, repeated records)`, like `sample_and_score` but each sample is a
+    multi-turn episode with `config.rl.environment` (jalign.algorithms.episodes). The RNG
+    is the single-turn sampler's, with each turn folded in."""
+    from jalign.algorithms.episodes import EpisodeRunner, make_environment, score_episodes
+    env = make_environment(rl.episodes)
+    runner = EpisodeRunner(model_cfg, inputs.tokenizer, env, rl.episodes,
+                           temperature=rl.temperature)
+
+    def play(state, params, records, *, sharding, round_=0):
+        repeated = [r for r in records for _ in range(rl.group_size)]
+        put = functools.partial(jax.make_array_from_process_local_data, sharding)
+        played = runner.run(params, repeated, _rollout_rng(state.rng, state.step, round_),
+                            put=put, fetch=local_rows)
+        scores, metrics = score_episodes(played, repeated, inputs.reward)
+        metrics = {**metrics, **played.metrics, "objective/scores": float(scores.mean())}
+        batch = {k: put(v) for k, v in played.batch.items()}
+        return batch, put(scores), metrics, scores, repeated
+    return play
+
+
 def _tied_groups(scores: np.ndarray, group_size: int) -> np.ndarray:
     """[groups] bool: every completion of the group scored the same (no group signal)."""
     grouped = scores.reshape(-1, group_size)
@@ -186,15 +214,22 @@ def make_rollout(config, model_cfg: ModelConfig, rl: RlSpec, inputs: RlInputs, *
     metrics)`:
     sampled and scored completions of the policy (`policy(state.params)`), with dynamic
     sampling when configured."""
-    sampler = make_sampler(model_cfg, inputs.tokenizer, max_new_tokens=rl.max_new_tokens,
-                           temperature=rl.temperature)
     ties = _TieWatch()
+    if rl.episodes is not None:
+        play = make_episode_sampler(model_cfg, rl, inputs)
 
-    def sample(state, prompt_batch, round_, sharding):
-        records = [inputs.records[int(i)] for i in prompt_batch["prompt_index"]]
-        return sample_and_score(state, policy(state.params), records, sampler=sampler,
-                                tokenizer=inputs.tokenizer, reward=inputs.reward,
-                                group_size=rl.group_size, sharding=sharding, round_=round_)
+        def sample(state, prompt_batch, round_, sharding):
+            records = [inputs.records[int(i)] for i in prompt_batch["prompt_index"]]
+            return play(state, policy(state.params), records, sharding=sharding, round_=round_)
+    else:
+        sampler = make_sampler(model_cfg, inputs.tokenizer, max_new_tokens=rl.max_new_tokens,
+                               temperature=rl.temperature)
+
+        def sample(state, prompt_batch, round_, sharding):
+            records = [inputs.records[int(i)] for i in prompt_batch["prompt_index"]]
+            return sample_and_score(state, policy(state.params), records, sampler=sampler,
+                                    tokenizer=inputs.tokenizer, reward=inputs.reward,
+                                    group_size=rl.group_size, sharding=sharding, round_=round_)
 
     def rollout(state, prompt_batch, *, step: int, next_batch: Callable):
         sharding = batch_sharding(config, state.params)

@@ -204,24 +204,26 @@ def clipped_policy_loss(logps_BxT, old_logps_BxT, advantages_B, mask_BxT, *,
 def gae_advantages(rewards_BxT, values_BxT, mask_BxT, *, gamma: float = 1.0, lam: float = 0.95):
     """Generalised advantage estimation over the completion tokens (Schulman et al. 2016).
 
-    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with V and A
-    zero past the last completion token. Returns (advantages, returns = A + V), [B, T],
-    zero on masked positions. Tokens are contiguous from the first masked-in position.
+    delta_t = r_t + gamma V_{t'} - V_t, A_t = delta_t + gamma lam A_{t'}, where t' is the
+    next masked-in (generated) token after t and V, A are zero past the last one. Tokens
+    between two generated ones (a multi-turn episode's observations) are skipped: one
+    policy turn's last token bootstraps from the next turn's first. Returns (advantages,
+    returns = A + V), [B, T], zero on masked positions.
     """
     m = mask_BxT.astype(jnp.float32)
     r = jnp.where(m > 0, rewards_BxT, 0.0)
     v = jnp.where(m > 0, values_BxT, 0.0)
-    next_v = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
-    next_m = jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
-    delta = r + gamma * next_v * next_m - v
 
     def back(carry, xs):
-        d, nm = xs
-        a = d + gamma * lam * carry * nm
-        return a, a
+        next_v, next_a = carry
+        r_t, v_t, m_t = xs
+        a = r_t + gamma * next_v - v_t + gamma * lam * next_a
+        keep = m_t > 0
+        return (jnp.where(keep, v_t, next_v), jnp.where(keep, a, next_a)), jnp.where(keep, a, 0.0)
 
-    _, adv = jax.lax.scan(back, jnp.zeros(r.shape[0]), (delta.T[::-1], next_m.T[::-1]))
-    adv = adv[::-1].T * m
+    zeros = jnp.zeros(r.shape[0])
+    _, adv = jax.lax.scan(back, (zeros, zeros), (r.T[::-1], v.T[::-1], m.T[::-1]))
+    adv = adv[::-1].T
     return adv, (adv + v) * m
 
 
