@@ -64,3 +64,8 @@ def digits_if_even(prompts, completions, **kwargs):
     scores = digit_fraction(prompts, completions)
     return [s if int(p.split(":")[1].split("+")[0]) % 2 == 0 else 0.0
             for p, s in zip(prompts, scores)]
+
+
+def length_fraction(prompts, completions, **_):
+    """min(length, 20) / 20 of the completion: a signal even a random model earns."""
+    return [min(len(c), 20) / 20 for c in completions]

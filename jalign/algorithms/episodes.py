@@ -205,6 +205,7 @@ class EpisodeRunner:
                              "sliding-window attention counts slots, not tokens: models with "
                              "model.sliding_window are not supported by config.rl.environment yet")
         self.cfg, self.tok, self.env, self.spec = model_cfg, tokenizer, env, spec
+        self._greedy, self._temperature = greedy, temperature
         self.frame = ChatFrame(tokenizer, getattr(env, "tools", None))
         n = spec.max_new_tokens
         eos, pad = tokenizer.eos_id, tokenizer.pad_id
@@ -279,42 +280,9 @@ class EpisodeRunner:
             logps[:, slot:slot + steps] = new_lp
             count += new_m.sum(1)
             slot += steps
-            stepping = []
-            for i in np.flatnonzero(active):
-                turn_ids = new_t[i][new_m[i] > 0]
-                finals[i] = tok.decode([int(t) for t in turn_ids if t != tok.eos_id])
-                episodes[i].messages.append({"role": "assistant", "content": finals[i]})
-                episodes[i].turn += 1
-                if not (turn_ids.size and turn_ids[-1] == tok.eos_id):
-                    active[i], truncated[i] = False, True      # cut at max_new_tokens
-                elif turn == spec.max_turns - 1:
-                    active[i], truncated[i] = False, True      # out of turns
-                else:
-                    stepping.append(i)
-            observations = {}
-            if stepping:
-                obs, rewards, done = env.step([episodes[i] for i in stepping],
-                                              [finals[i] for i in stepping])
-                if not len(obs) == len(rewards) == len(done) == len(stepping):
-                    raise ValueError(f"{type(env).__name__}.step must return one observation, "
-                                     f"reward and done flag per episode ({len(stepping)})")
-                for i, o, r, d in zip(stepping, obs, rewards, done):
-                    if r is not None:
-                        episodes[i].rewards.append(float(r))
-                    if d:
-                        active[i] = False
-                        continue
-                    if o is None:
-                        raise ValueError(f"{type(env).__name__}.step gave no observation to an "
-                                         f"episode it did not end (row {episodes[i].row.get('_origin', i)})")
-                    messages = _as_messages(o, getattr(env, "observation_role", "user"))
-                    episodes[i].messages.extend(messages)
-                    obs_ids = self.frame.observation_ids(messages)
-                    if len(obs_ids) > spec.max_observation_tokens:
-                        active[i], truncated[i] = False, True
-                        long_obs += 1
-                    else:
-                        observations[i] = obs_ids
+            observations, cut = self._end_turn(episodes, new_t, new_m, active, truncated,
+                                               finals, turn)
+            long_obs += cut
             obs_width = _agreed_max(-(-max((len(x) for x in observations.values()), default=0) // 8) * 8)
             if obs_width == 0:
                 continue
@@ -344,6 +312,88 @@ class EpisodeRunner:
         if any(e.rewards for e in episodes):
             metrics["env/turn_reward"] = float(np.mean([sum(e.rewards) for e in episodes]))
         return EpisodeBatch(batch, episodes, finals, gen_counts, truncated, metrics)
+
+    def _end_turn(self, episodes, new_t, new_m, active, truncated, finals, turn):
+        """Records each live episode's turn (tokens `new_t` where `new_m`), ends those that
+        stop here and steps the environment for the rest. Updates `active`, `truncated` and
+        `finals` in place; returns ({episode: observation token ids}, observations too long)."""
+        spec, tok, env = self.spec, self.tok, self.env
+        stepping, observations, long_obs = [], {}, 0
+        for i in np.flatnonzero(active):
+            turn_ids = new_t[i][new_m[i] > 0]
+            finals[i] = tok.decode([int(t) for t in turn_ids if t != tok.eos_id])
+            episodes[i].messages.append({"role": "assistant", "content": finals[i]})
+            episodes[i].turn += 1
+            if not (turn_ids.size and turn_ids[-1] == tok.eos_id):
+                active[i], truncated[i] = False, True      # cut at max_new_tokens
+            elif turn == spec.max_turns - 1:
+                active[i], truncated[i] = False, True      # out of turns
+            else:
+                stepping.append(i)
+        if not stepping:
+            return observations, long_obs
+        obs, rewards, done = env.step([episodes[i] for i in stepping],
+                                      [finals[i] for i in stepping])
+        if not len(obs) == len(rewards) == len(done) == len(stepping):
+            raise ValueError(f"{type(env).__name__}.step must return one observation, reward "
+                             f"and done flag per episode ({len(stepping)})")
+        for i, o, r, d in zip(stepping, obs, rewards, done):
+            if r is not None:
+                episodes[i].rewards.append(float(r))
+            if d:
+                active[i] = False
+                continue
+            if o is None:
+                raise ValueError(f"{type(env).__name__}.step gave no observation to an episode "
+                                 f"it did not end (row {episodes[i].row.get('_origin', i)})")
+            messages = _as_messages(o, getattr(env, "observation_role", "user"))
+            episodes[i].messages.extend(messages)
+            obs_ids = self.frame.observation_ids(messages)
+            if len(obs_ids) > spec.max_observation_tokens:
+                active[i], truncated[i] = False, True
+                long_obs += 1
+            else:
+                observations[i] = obs_ids
+        return observations, long_obs
+
+    def run_reencoding(self, params, rows: Sequence[Mapping], rng) -> list[list[int]]:
+        """The reference `run` is checked and timed against (tests/test_episodes.py,
+        benchmarks/multiturn.py): every turn re-encodes the whole conversation with
+        `jalign.generate.generate` instead of continuing from the cache. Same turns, same
+        uniforms; returns each episode's token ids (prompt and every turn). One process."""
+        from jalign.generate import generate
+        spec, tok = self.spec, self.tok
+        b = len(rows)
+        prompts = self.env.reset(rows)
+        episodes = [Episode(row=r, messages=[{"role": "user", "content": p}] if isinstance(p, str)
+                            else [dict(m) for m in p]) for r, p in zip(rows, prompts)]
+        convs = [self.frame.prompt_ids(p) for p in prompts]
+        width = -(-max(len(x) for x in convs) // 16) * 16
+        room = width + spec.episode_tokens   # the cached run's context
+        active, truncated, finals = np.ones(b, bool), np.zeros(b, bool), [""] * b
+        for turn in range(spec.max_turns):
+            live = np.flatnonzero(active)
+            if not live.size:
+                break
+            w = -(-max(len(convs[i]) for i in live) // 16) * 16
+            prompt, mask = left_pad([convs[i] if active[i] else convs[i][-1:] for i in range(b)],
+                                    tok.pad_id, w)
+            n = self.spec.max_new_tokens
+            out = generate(params, self.cfg, prompt, mask, jax.random.fold_in(rng, turn),
+                           max_new_tokens=n, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                           greedy=self._greedy, temperature=self._temperature)
+            new_t = np.asarray(out.tokens)[:, w:]
+            new_m = np.asarray(out.completion_mask) * active[:, None]
+            for i in live:
+                convs[i] += [int(t) for t in new_t[i][new_m[i] > 0]]
+            observations, _ = self._end_turn(episodes, new_t, new_m, active, truncated, finals,
+                                             turn)
+            for i, ids in observations.items():
+                if len(convs[i]) + len(ids) + 1 > room:
+                    active[i], truncated[i] = False, True
+                else:
+                    convs[i] += ids
+        return convs
 
 
 def _compact(tokens, valid, generated, logps, pad_id: int, width: int) -> dict[str, np.ndarray]:
