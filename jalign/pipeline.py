@@ -37,6 +37,8 @@ from jalign.plots import plot_curves
 COLUMNS = (("gold_reward/greedy", "gold (greedy)"), ("gold_reward/sampled", "gold (sampled)"),
            ("accuracy", "pref. acc."), ("kl/ref", "KL to start"),
            ("completions/mean_length", "length"))
+# Shown when a stage reports them: multi-turn episodes' tool calls and turns per episode.
+EPISODE_COLUMNS = (("env/tool_calls", "tool calls"), ("env/turns", "turns"))
 
 
 def _merge(target: ml_collections.ConfigDict, overrides: Any, prefix: str) -> None:
@@ -104,14 +106,15 @@ def table_row(summary: dict, which: str) -> dict[str, float]:
     for key in ("eval_rewards/accuracies", "eval_accuracy"):
         if key in entry:
             entry["accuracy"] = entry[key]
-    return {k: entry[k] for k, _ in COLUMNS if k in entry}
+    return {k: entry[k] for k, _ in COLUMNS + EPISODE_COLUMNS if k in entry}
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    header = f"{'model':<10}" + "".join(f"{title:>16}" for _, title in COLUMNS)
+    columns = COLUMNS + tuple(c for c in EPISODE_COLUMNS if any(c[0] in r for r in rows.values()))
+    header = f"{'model':<10}" + "".join(f"{title:>16}" for _, title in columns)
     lines = [header, "-" * len(header)]
     for name, row in rows.items():
-        cells = "".join(f"{row[k]:>16.3f}" if k in row else f"{'-':>16}" for k, _ in COLUMNS)
+        cells = "".join(f"{row[k]:>16.3f}" if k in row else f"{'-':>16}" for k, _ in columns)
         lines.append(f"{name:<10}{cells}")
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@ an uninterrupted one (losses and gradient norms after the restart, and the final
 
 Covers what the SFT kill/soak tests do not: the reward model, DPO (full and LoRA, whose
 checkpoints hold only the adapters) and online RL, where the sampler's randomness must
-come from the checkpointed state.
+come from the checkpointed state (multi-turn episodes included: grpo_tools).
 """
 
 import json
@@ -19,7 +19,14 @@ from tests.train_helpers import load_config, use_prompt_files
 
 
 def _make(kind: str, num_steps: int, tmp_path):
-    if kind in ("grpo", "ppo"):
+    if kind == "grpo_tools":  # multi-turn episodes with the calculator tool (calc task)
+        config = load_config("grpo_tools_tiny", "test")
+        config.pipeline.stages = ""
+        config.algo = "grpo"
+        config.data.batch_size, config.rl.group_size = 4, 2
+        config.rl.max_new_tokens = 16
+        config.rl.reward_sources = "python:tests.rl_reward_fns.length_fraction"
+    elif kind in ("grpo", "ppo"):
         config = load_config(f"{kind}_tiny", "test")
         if kind == "grpo":
             # The user-data path: JSONL prompts, a reward that ties about half the groups,
@@ -53,7 +60,7 @@ def _final(workdir):
         return checkpointer.restore(os.path.join(workdir, "final_params"))
 
 
-@pytest.mark.parametrize("kind", ["reward", "dpo_lora", "grpo", "ppo"])
+@pytest.mark.parametrize("kind", ["reward", "dpo_lora", "grpo", "ppo", "grpo_tools"])
 def test_stopped_and_restarted_run_equals_the_uninterrupted_one(kind, tmp_path, capsys):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     run(_make(kind, 4, tmp_path), full)
@@ -62,8 +69,9 @@ def test_stopped_and_restarted_run_equals_the_uninterrupted_one(kind, tmp_path, 
     assert "Resumed from" in capsys.readouterr().out
     want, got = _metrics(full), _metrics(split)
     assert sorted(got) == [1, 2, 3, 4]
-    if kind == "grpo":  # the rewards vary, so the steps after the restart really train
+    if kind.startswith("grpo"):  # the rewards vary, so the steps after the restart train
         assert all(got[s]["grad_norm"] > 0 for s in (3, 4))
+    if kind == "grpo":
         assert max(got[s]["dynamic_sampling/frac_groups_dropped"] for s in got) > 0
         assert max(got[s]["dynamic_sampling/rounds"] for s in got) > 1
     for step in (3, 4):
