@@ -49,6 +49,7 @@ def get_config(arg: str = ""):
     config.rl.max_new_tokens = 96
     config.rl.max_turns = 3
     config.rl.max_observation_tokens = 32
+    config.rl.max_episode_tokens = 224   # a call, its result and an answer fit with room
     config.pipeline.stages = "sft,grpo"
     config.pipeline.sft = ml_collections.ConfigDict()
     config.pipeline.grpo = ml_collections.ConfigDict({
@@ -63,6 +64,7 @@ def get_config(arg: str = ""):
         config.rl.max_new_tokens = 8
         config.rl.max_turns = 5
         config.rl.max_observation_tokens = 16
+        config.rl.max_episode_tokens = 0
     if "test" in variants:
         config.data.num_train_examples = 64
         config.data.batch_size = 8

@@ -23,7 +23,8 @@ the prompt; an episode ends (and is counted in `env/truncated`) when a turn reac
 ending it, when an observation is longer than `max_observation_tokens`, or when the
 context cannot hold the next observation and one more token.
 
-The result is one token sequence per episode (the valid slots in order, right-padded)
+The result is one token sequence per episode (the valid slots in order, right-padded to
+the longest episode rounded up to a multiple of 64)
 with a loss mask that is 1 exactly on the tokens the policy generated (observation,
 tool-result and template tokens are 0) and the behaviour log-probs of those tokens,
 aligned like a log-prob function's output. They are the log-probs of the same
@@ -300,8 +301,11 @@ class EpisodeRunner:
             count += block_mask.sum(1)
             slot += obs_width
         del cache
+        # The training rows are as wide as the longest episode, rounded up to a multiple of
+        # 64 (a few step shapes over a run, not one per step), at most the whole context.
+        longest = _agreed_max(int(valid.sum(1).max()))
         batch = _compact(tokens, valid, generated, logps, tok.pad_id,
-                         width=-(-(width + spec.episode_tokens) // 16) * 16)
+                         width=min(-(-longest // 64) * 64, -(-slots // 16) * 16))
         gen_counts = generated.sum(1)
         metrics = {"env/turns": float(np.mean([e.turn for e in episodes])),
                    "env/truncated": float(truncated.mean()),

@@ -81,6 +81,35 @@ def render_conversation(prompt: Sequence[Mapping[str, str]],
     return prompt_text, full_text[len(prompt_text):]
 
 
+def _assistant_pieces(completion_text: str, messages: Sequence[Mapping[str, str]],
+                      eos_token: str | None) -> list[tuple[str, bool]] | None:
+    """The rendered completion cut into (text, trained) pieces: each assistant message's
+    content and the EOS right after it are trained; the other messages (tool results,
+    user turns) and the template's framing are not, as in a multi-turn rollout, where
+    those tokens are observations. None when some message's content is not found
+    verbatim, in order (a template that rewrites content)."""
+    spans, cursor = [], 0
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, str) or not content:
+            continue
+        start = completion_text.find(content, cursor)
+        if start < 0:
+            return None
+        end = start + len(content)
+        if message.get("role") == "assistant":
+            if eos_token and completion_text.startswith(eos_token, end):
+                end += len(eos_token)
+            spans.append((start, end))
+        cursor = end
+    pieces, pos = [], 0
+    for start, end in spans:
+        pieces += [(completion_text[pos:start], False), (completion_text[start:end], True)]
+        pos = end
+    pieces.append((completion_text[pos:], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
 def _truncate(ids: list[int], length: int, truncation: str) -> list[int]:
     if len(ids) <= length:
         return ids
@@ -116,7 +145,10 @@ def fit_prompt_completion(
     """Tokenises one SFT example and says what truncation cut from it.
 
     `tokens = [bos] + prompt + completion + [eos]`, `loss_mask` is 1 exactly on
-    the completion tokens and the EOS. BOS is added only if `add_bos` and the
+    the completion tokens and the EOS; in a conversation whose completion holds tool
+    results or user turns (multi-turn demonstrations), only on the assistant
+    messages' contents and the EOS after each (their pieces are tokenised apart, as
+    a multi-turn rollout tokenises observations apart from the policy's turns). BOS is added only if `add_bos` and the
     tokenizer has one.
 
     Message lists are rendered with the chat template first (see
@@ -166,8 +198,12 @@ def fit_prompt_completion(
         raise DataError("prompt and completion must both be strings or both be "
                         "message lists", reason="wrong_type")
     conversation = _is_conversation(prompt)
+    pieces = None
     if conversation:
+        messages = list(completion)
         prompt, completion = render_conversation(prompt, completion, tokenizer)
+        if any(m.get("role") != "assistant" for m in messages):  # tool results, user turns
+            pieces = _assistant_pieces(completion, messages, getattr(tokenizer, "eos_token", None))
 
     bos_id = tokenizer.bos_id
     prefix = [bos_id] if add_bos and bos_id is not None else []
@@ -185,10 +221,17 @@ def fit_prompt_completion(
             f"prompt is {n_context} tokens (with BOS), which leaves no room for "
             f"the completion within max_length={max_length}; set "
             f"max_prompt_length below max_length or skip such rows")
-    completion_ids = list(tokenizer.encode(completion))
+    if pieces:
+        encoded = [(list(tokenizer.encode(text)), trained) for text, trained in pieces]
+        completion_ids = [t for ids, _ in encoded for t in ids]
+        trained_ids = [int(trained) for ids, trained in encoded for _ in ids]
+    else:
+        completion_ids = list(tokenizer.encode(completion))
+        trained_ids = [1] * len(completion_ids)
     if not conversation or tokenizer.eos_id not in completion_ids:
         # A chat template usually ends the assistant turn itself.
         completion_ids.append(tokenizer.eos_id)
+        trained_ids.append(1)
 
     sequence = prefix + prompt_ids + completion_ids
     tokens = np.asarray(sequence, dtype=np.int32)[:max_length]
@@ -200,8 +243,7 @@ def fit_prompt_completion(
         end_of_turn_lost=end_of_turn >= max_length,
         prompt_tokens=full_prompt,
         sequence_tokens=full_prompt + len(completion_ids))
-    loss_mask = np.zeros_like(tokens)
-    loss_mask[n_context:] = 1
+    loss_mask = np.asarray([0] * n_context + trained_ids, np.int32)[:max_length]
     # Nothing precedes the first token, so it can never be a target (matters
     # only for an empty prompt without BOS).
     loss_mask[0] = 0

@@ -76,3 +76,35 @@ def test_mixing_text_and_messages_is_an_error(tokenizer):
 def test_bad_truncation_mode(tokenizer):
     with pytest.raises(ValueError, match="truncation"):
         tokenize_prompt_completion("a", "b", tokenizer, max_length=8, truncation="left")
+
+
+@pytest.mark.parametrize("which", ["tokenizer", "chatml_tokenizer"])
+def test_multi_turn_completion_trains_only_the_assistant_turns(which, request):
+    """Tool results and the template's framing between turns are not trained on, and the
+    untrained text between two assistant turns is exactly what a multi-turn rollout
+    prefills as the observation (jalign.algorithms.episodes.ChatFrame)."""
+    from jalign.algorithms.episodes import ChatFrame
+    tokenizer = request.getfixturevalue(which)
+    prompt = [{"role": "user", "content": "12*34="}]
+    tool = {"role": "tool", "content": "408"}
+    completion = [{"role": "assistant", "content": "<tool_call>12*34</tool_call>"}, tool,
+                  {"role": "assistant", "content": "408"}]
+    out = tokenize_prompt_completion(prompt, completion, tokenizer, max_length=256)
+    tokens, mask = out["tokens"], out["loss_mask"]
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    assert text == tokenizer.apply_chat_template(prompt + completion)
+    eos = tokenizer.eos_token
+    runs, current = [], []  # the trained runs of tokens, as text
+    for t, m in zip(tokens.tolist(), mask.tolist()):
+        if m:
+            current.append(t)
+        elif current:
+            runs.append(tokenizer.decode(current, skip_special_tokens=False))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current, skip_special_tokens=False))
+    assert runs == ["<tool_call>12*34</tool_call>" + eos, "408" + eos]
+    first_end = text.index("</tool_call>" + eos) + len("</tool_call>" + eos)
+    observation = text[first_end:text.rindex("408" + eos)]
+    assert observation == ChatFrame(tokenizer).observation_text([tool])
+    assert "408" in observation  # the tool's answer itself is not trained
