@@ -236,12 +236,35 @@ def length_penalty(target_length: int = 0, coef: float = 1e-3) -> RewardFn:
     return length_reward
 
 
+def tool_use(prompts: Sequence[str], completions: Sequence[str], *,
+             conversation: Sequence | None = None, **_) -> list[float | None]:
+    """1.0 when a multi-turn episode called a tool and every call succeeded, else 0.0.
+
+    Reads the `conversation` column a multi-turn rollout passes (jalign.algorithms.episodes):
+    the episode's `tool` messages, where a failed call (malformed, unknown tool, a tool
+    that raised or timed out) reads "error: ..." (jalign.tools.ToolExecutor). A shaping
+    term for tool use (weight it below the task's reward): it pays for calling tools
+    well, not for answering right. None for a sample without a conversation.
+    """
+    conversations = conversation if conversation is not None else [None] * len(completions)
+    out: list[float | None] = []
+    for messages in conversations:
+        if messages is None:
+            out.append(None)
+            continue
+        results = [m.get("content", "") for m in messages if m.get("role") == "tool"]
+        out.append(float(bool(results) and not any(str(r).startswith("error:")
+                                                    for r in results)))
+    return out
+
+
 # Reward functions by name; for the names in _PARAMS, the factory that builds one.
 BUILTIN_REWARDS: dict[str, Callable] = {
     "math_answer": math_answer_match,
     "think_answer_format": think_answer_format,
     "soft_overlong": soft_overlong_penalty,
     "length_penalty": length_penalty,
+    "tool_use": tool_use,
 }
 # Spec parameter -> (factory keyword, type, required).
 _PARAMS: dict[str, dict[str, tuple[str, type, bool]]] = {
@@ -328,5 +351,5 @@ def resolve(spec: str) -> tuple[str, RewardFn]:
 __all__ = [
     "BUILTIN_REWARDS", "THINK_ANSWER_PATTERN", "answers_equal", "extract_answer",
     "format_match", "length_penalty", "math_answer_match", "normalize_answer", "resolve",
-    "soft_overlong_penalty", "think_answer_format",
+    "soft_overlong_penalty", "think_answer_format", "tool_use",
 ]

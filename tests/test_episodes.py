@@ -255,3 +255,37 @@ def test_one_multi_turn_grpo_iteration_on_8_devices_equals_1(tmp_path, monkeypat
     for key in ("reward", "reward_std", "env/turns", "env/tool_calls", "completions/mean_length",
                 "loss", "grad_norm"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def chatty_start(tmp_path_factory):
+    """Start params for the config's model whose EOS is likely: its turns end by themselves,
+    so the episodes below run several turns."""
+    from jalign.checkpoint import save_params
+    from jalign.models.transformer import decoder_init_fn
+    model_cfg = ModelConfig.from_mapping(load_config("grpo_tools_tiny", "test").model)
+    params = nn.meta.unbox(decoder_init_fn(model_cfg)(jax.random.PRNGKey(0)))
+    params["embed"] = params["embed"].at[TOK.eos_id].multiply(12.0)
+    path = str(tmp_path_factory.mktemp("chatty") / "params")
+    save_params(path, params)
+    return path
+
+
+@pytest.mark.parametrize("algo", ["rloo", "ppo", "online_dpo"])
+def test_every_online_algorithm_trains_on_multi_turn_episodes(algo, chatty_start, tmp_path):
+    from jalign import loop
+    c = load_config("grpo_tools_tiny", "test")
+    c.pipeline.stages = ""
+    c.algo = algo
+    c.init_from = chatty_start
+    c.data.batch_size, c.rl.group_size = 4, 2
+    c.rl.environment = "python:tests.test_episodes.Countdown"
+    c.rl.max_new_tokens = 12
+    c.rl.reward_sources = "python:tests.rl_reward_fns.length_fraction"
+    c.train.num_steps, c.train.eval_every, c.train.eval_at_start = 2, 0, False
+    loop.run(c, str(tmp_path))
+    metrics = read_metrics(str(tmp_path))
+    assert max(m["env/turns"] for m in metrics.values()) > 1.5  # several turns per episode
+    for m in metrics.values():
+        assert np.isfinite(m["loss"]) and "env/truncated" in m and "env/turn_reward" in m
+    assert max(m["grad_norm"] for m in metrics.values()) > 0

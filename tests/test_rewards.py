@@ -254,3 +254,15 @@ def test_resolve_python_keeps_errors_inside_the_module(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
         resolve("python:broken_user_rewards.fn")
+
+
+def test_tool_use_pays_for_episodes_whose_calls_all_ran():
+    from jalign.rewards import resolve
+    name, fn = resolve("tool_use")
+    ok = {"role": "tool", "content": "408"}
+    failed = {"role": "tool", "content": "error: calculator raised ZeroDivisionError"}
+    turns = [[ok], [ok, failed], [], [{"role": "user", "content": "error: not a tool"}]]
+    conversations = [[{"role": "user", "content": "q"}, *t] for t in turns]
+    assert name == "tool_use"
+    assert fn(["q"] * 4, ["a"] * 4, conversation=conversations) == [1.0, 0.0, 0.0, 0.0]
+    assert fn(["q"], ["a"]) == [None]  # single-turn samples: not scored

@@ -121,6 +121,30 @@ def test_gae_matches_a_python_loop():
     np.testing.assert_allclose(ret, (want + v) * mask, rtol=1e-5, atol=1e-6)
 
 
+def test_gae_skips_observation_tokens_between_turns():
+    """A multi-turn episode's generated tokens with observations between them: GAE over
+    them equals GAE over the same tokens laid out contiguously (one turn's last token
+    bootstraps from the next turn's first), and the observation positions get zeros."""
+    from jalign.losses.rl import gae_advantages
+    t = 10
+    r = RNG.normal(size=(1, t)).astype(np.float32)
+    v = RNG.normal(size=(1, t)).astype(np.float32)
+    mask = np.array([[0, 1, 1, 0, 0, 0, 1, 1, 1, 0]], np.float32)
+    adv, ret = gae_advantages(r, v, mask, gamma=0.9, lam=0.8)
+    keep = mask[0] > 0
+    packed = lambda x: np.pad(x[:, keep], ((0, 0), (0, t - keep.sum())))  # noqa: E731
+    want_adv, want_ret = gae_advantages(packed(r), packed(v), packed(mask), gamma=0.9, lam=0.8)
+    np.testing.assert_allclose(np.asarray(adv)[:, keep], np.asarray(want_adv)[:, :keep.sum()],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ret)[:, keep], np.asarray(want_ret)[:, :keep.sum()],
+                               rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(adv)[:, ~keep] == 0) and np.all(np.asarray(ret)[:, ~keep] == 0)
+    # The first turn's advantages see the second turn's rewards.
+    r2 = r.copy()
+    r2[0, 8] += 1.0
+    assert gae_advantages(r2, v, mask, gamma=0.9, lam=0.8)[0][0, 1] != adv[0, 1]
+
+
 def test_clipped_value_loss_and_whiten():
     from jalign.losses.rl import clipped_value_loss, whiten
     v = np.array([[1.0, 2.0, 0.0]], np.float32)
