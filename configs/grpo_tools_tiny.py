@@ -48,8 +48,8 @@ def get_config(arg: str = ""):
     config.eval.max_new_tokens = 96       # per turn: a tool call is 83 characters
     config.rl.max_new_tokens = 96
     config.rl.max_turns = 3
-    config.rl.max_observation_tokens = 32
-    config.rl.max_episode_tokens = 224   # a call, its result and an answer fit with room
+    config.rl.max_observation_tokens = 96  # room for an error message the policy can read
+    config.rl.max_episode_tokens = 288    # a call, its result (or an error) and an answer
     # The task's exact success, and 0.2 for an episode whose tool calls all ran: sampled
     # from the SFT model most episodes fail, and this keeps every group's rewards apart.
     config.rl.reward_sources = "gold,tool_use"
@@ -58,10 +58,12 @@ def get_config(arg: str = ""):
     config.pipeline.sft = ml_collections.ConfigDict()
     config.pipeline.grpo = ml_collections.ConfigDict({
         "data": {"batch_size": 8},
-        "rl": {"group_size": 8},
+        # Dr. GRPO: a sum over tokens with a constant normaliser and no std scaling, so that
+        # long failing turns are not favoured over short ones.
+        "rl": {"group_size": 8, "loss_aggregation": "dr_grpo", "scale_rewards": "none"},
         # The SFT stage's final evaluation is this stage's start.
-        "train": {"num_steps": 60, "eval_every": 30, "log_every": 5, "eval_at_start": False},
-        "optimizer": {"learning_rate": 2e-4, "warmup_steps": 5, "schedule": "constant"},
+        "train": {"num_steps": 100, "eval_every": 50, "log_every": 5, "eval_at_start": False},
+        "optimizer": {"learning_rate": 1.5e-4, "warmup_steps": 5, "schedule": "constant"},
     })
     if "guess" in variants:
         config.data.max_length = 160
@@ -82,6 +84,9 @@ def get_config(arg: str = ""):
         config.train.memory_report = False
         config.eval.num_prompts = 8
         config.eval.batch_size = 8
+        config.eval.max_new_tokens = min(config.eval.max_new_tokens, 24)
+        config.rl.max_new_tokens = min(config.rl.max_new_tokens, 24)
+        config.rl.max_episode_tokens = 0
         config.pipeline.grpo.data.batch_size = 4
         config.pipeline.grpo.rl.group_size = 2
         config.pipeline.grpo.train.num_steps = 2

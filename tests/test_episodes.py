@@ -236,6 +236,7 @@ def test_one_multi_turn_grpo_iteration_on_8_devices_equals_1(tmp_path, monkeypat
         c.eval.max_new_tokens = 24
         # A signal a random model earns: the final turn's length.
         c.rl.reward_sources = "python:tests.rl_reward_fns.length_fraction"
+        c.rl.reward_weights = None
         c.train.num_steps = 1
         c.train.eval_every = 0
         c.train.eval_at_start = False
@@ -278,10 +279,12 @@ def test_every_online_algorithm_trains_on_multi_turn_episodes(algo, chatty_start
     c.pipeline.stages = ""
     c.algo = algo
     c.init_from = chatty_start
-    c.data.batch_size, c.rl.group_size = 4, 2
+    # Online DPO trains on one pair per prompt: 8 prompts split over the 8 devices.
+    c.data.batch_size, c.rl.group_size = (8 if algo == "online_dpo" else 4), 2
     c.rl.environment = "python:tests.test_episodes.Countdown"
     c.rl.max_new_tokens = 12
     c.rl.reward_sources = "python:tests.rl_reward_fns.length_fraction"
+    c.rl.reward_weights = None
     c.train.num_steps, c.train.eval_every, c.train.eval_at_start = 2, 0, False
     loop.run(c, str(tmp_path))
     metrics = read_metrics(str(tmp_path))
@@ -289,3 +292,23 @@ def test_every_online_algorithm_trains_on_multi_turn_episodes(algo, chatty_start
     for m in metrics.values():
         assert np.isfinite(m["loss"]) and "env/truncated" in m and "env/turn_reward" in m
     assert max(m["grad_norm"] for m in metrics.values()) > 0
+
+
+def test_guess_environment_answers_every_turn():
+    """The built-in guessing game through the runner: every wrong or unparsable guess is
+    answered as a user turn and costs 0.05; the gold reward scores the final turn."""
+    from jalign.tasks import get_task
+    task = get_task("guess")
+    rows = task.prompt_records(8, seed=0, split="eval")
+    spec = EpisodeSpec("guess", max_turns=3, max_new_tokens=6, episode_tokens=3 * (6 + 16),
+                       max_observation_tokens=16)
+    played = EpisodeRunner(CFG, TOK, make_environment(spec), spec).run(
+        _params(25.0), rows, jax.random.PRNGKey(0))
+    replies = [m["content"] for e in played.episodes for m in e.messages[1:]
+               if m["role"] == "user"]
+    assert replies and set(replies) <= {"higher", "lower", "say a number"}
+    for e in played.episodes:
+        assert sum(e.rewards) == pytest.approx(-0.05 * len(e.rewards))
+        assert len(e.rewards) == sum(m["role"] == "user" for m in e.messages[1:])
+    gold = task.gold_reward([r["prompt"] for r in rows], played.final_turns)
+    assert set(np.unique(gold)) <= {0.0, 1.0}

@@ -26,6 +26,7 @@ def _make(kind: str, num_steps: int, tmp_path):
         config.data.batch_size, config.rl.group_size = 4, 2
         config.rl.max_new_tokens = 16
         config.rl.reward_sources = "python:tests.rl_reward_fns.length_fraction"
+        config.rl.reward_weights = None
     elif kind in ("grpo", "ppo"):
         config = load_config(f"{kind}_tiny", "test")
         if kind == "grpo":
