@@ -33,6 +33,20 @@ def mean_and_sem(values) -> tuple[float, float]:
     return float(values.mean()), sem
 
 
+def summarize_scores(scores: dict[str, list]) -> dict[str, float]:
+    """{NAME: [score arrays]} -> NAME (the mean over scored samples; NaN = not scored) and
+    NAME_sem (`mean_and_sem`), for every name that scored something."""
+    out = {}
+    for key, parts in scores.items():
+        values = np.concatenate(parts)
+        values = values[~np.isnan(values)]
+        if values.size:
+            out[key], sem = mean_and_sem(values)
+            if values.size > 1:
+                out[f"{key}_sem"] = sem
+    return out
+
+
 def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Sequence[str], *,
                     max_new_tokens: int, seed: int = 0, ref_params: Any = None,
                     batch_size: int = 64, temperature: float = 1.0,
@@ -100,14 +114,7 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
             first = next(iter(score_fn(indices, texts, r_lengths).values()))
             ref_scores.append(np.asarray(first, np.float64))
             ref_lengths.append(r_lengths)
-    out = {}
-    for key, parts in scores.items():
-        values = np.concatenate(parts)
-        values = values[~np.isnan(values)]
-        if values.size:
-            out[key], sem = mean_and_sem(values)
-            if values.size > 1:
-                out[f"{key}_sem"] = sem
+    out = summarize_scores(scores)
     out["completions/mean_length"] = float(np.concatenate(lengths).mean())
     if kls:
         out["kl/ref"] = float(np.concatenate(kls).mean())

@@ -307,14 +307,9 @@ class EpisodeRunner:
         batch = _compact(tokens, valid, generated, logps, tok.pad_id,
                          width=min(-(-longest // 64) * 64, -(-slots // 16) * 16))
         gen_counts = generated.sum(1)
-        metrics = {"env/turns": float(np.mean([e.turn for e in episodes])),
-                   "env/truncated": float(truncated.mean()),
+        metrics = {**episode_metrics(episodes, truncated),
                    "env/observation_too_long": long_obs / b,
                    "completions/mean_length": float(gen_counts.mean())}
-        for name in sorted({k for e in episodes for k in e.stats}):
-            metrics[f"env/{name}"] = float(np.mean([e.stats.get(name, 0.0) for e in episodes]))
-        if any(e.rewards for e in episodes):
-            metrics["env/turn_reward"] = float(np.mean([sum(e.rewards) for e in episodes]))
         return EpisodeBatch(batch, episodes, finals, gen_counts, truncated, metrics)
 
     def _end_turn(self, episodes, new_t, new_m, active, truncated, finals, turn):
@@ -400,6 +395,18 @@ class EpisodeRunner:
         return convs
 
 
+def episode_metrics(episodes: Sequence[Episode], truncated: np.ndarray) -> dict[str, float]:
+    """env/turns, env/truncated, each environment counter (env/NAME) and, when any turn was
+    rewarded, env/turn_reward: means per episode."""
+    metrics = {"env/turns": float(np.mean([e.turn for e in episodes])),
+               "env/truncated": float(np.mean(truncated))}
+    for name in sorted({k for e in episodes for k in e.stats}):
+        metrics[f"env/{name}"] = float(np.mean([e.stats.get(name, 0.0) for e in episodes]))
+    if any(e.rewards for e in episodes):
+        metrics["env/turn_reward"] = float(np.mean([sum(e.rewards) for e in episodes]))
+    return metrics
+
+
 def _compact(tokens, valid, generated, logps, pad_id: int, width: int) -> dict[str, np.ndarray]:
     """Each row's valid slots in order, right-padded to `width`, in the rollout-batch layout."""
     b = tokens.shape[0]
@@ -437,7 +444,7 @@ def evaluate_episodes(params, model_cfg: ModelConfig, tokenizer, env, spec: Epis
     `score_fn(rows, episodes, final_turns, lengths) -> {name: scores}` gives NAME/greedy,
     NAME/sampled and their sems; env/* metrics of the sampled episodes, their generated
     length and (with `ref_params`) kl/ref over the generated tokens."""
-    from jalign.evaluate import _sequence_logps, mean_and_sem
+    from jalign.evaluate import _sequence_logps, summarize_scores
     if runners is None:
         runners = {}
     for mode in ("greedy", "sampled"):
@@ -459,21 +466,13 @@ def evaluate_episodes(params, model_cfg: ModelConfig, tokenizer, env, spec: Epis
                 scores.setdefault(f"{name}/{mode}", []).append(np.asarray(values, np.float64))
             if mode == "sampled":
                 lengths.append(played.generated[:n])
-                for k, v in played.metrics.items():
-                    if k.startswith("env/"):
-                        env_metrics.setdefault(k, []).append(v * n)
+                for k, v in episode_metrics(played.episodes[:n], played.truncated[:n]).items():
+                    env_metrics.setdefault(k, []).append(v * n)
                 if ref_params is not None:
                     batch = {k: v for k, v in played.batch.items() if k != "old_logps"}
                     kls.append(np.asarray(_sequence_logps(params, model_cfg, batch)
                                           - _sequence_logps(ref_params, model_cfg, batch))[:n])
-    out = {}
-    for key, parts in scores.items():
-        values = np.concatenate(parts)
-        values = values[~np.isnan(values)]
-        if values.size:
-            out[key], sem = mean_and_sem(values)
-            if values.size > 1:
-                out[f"{key}_sem"] = sem
+    out = summarize_scores(scores)
     out["completions/mean_length"] = float(np.concatenate(lengths).mean())
     out.update({k: sum(v) / len(rows) for k, v in env_metrics.items()})
     if kls:

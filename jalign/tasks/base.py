@@ -263,3 +263,34 @@ def _check_count(n: int) -> None:
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+def message_text(value: Any, role: str) -> Any:
+    """The content of the last ``role`` message of a message list; anything else as is.
+
+    Lets a chat task score prompts and completions given either as text or as
+    chat messages (a prompt's last user turn, a conversation's final assistant
+    turn). A list without such a message gives None.
+    """
+    if isinstance(value, (list, tuple)):
+        for message in reversed(value):
+            if isinstance(message, dict) and message.get("role") == role:
+                return message.get("content")
+        return None
+    return value
+
+
+class ChatTask(Task):
+    """A multi-turn task: its prompt records are chat messages (a user turn) so that the
+    chat template frames the turns, and its gold reward reads a prompt's last user turn
+    and a conversation's final assistant turn (text is taken as is)."""
+
+    def prompt_records(self, n: int, *, seed: int, split: str = "train") -> list[dict[str, Any]]:
+        """Prompt-dataset rows ``{"prompt": [user message], "answer": reference}``."""
+        return [{"prompt": [{"role": "user", "content": p}], "answer": self.reference(p)}
+                for p in self.prompts(n, seed=seed, split=split)]
+
+    def gold_reward(self, prompts: Sequence[Any], completions: Sequence[Any]) -> np.ndarray:
+        """The gold reward of each final assistant turn, float32 [n]."""
+        return super().gold_reward([message_text(p, "user") for p in prompts],
+                                   [message_text(c, "assistant") for c in completions])

@@ -22,29 +22,14 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from jalign.tasks.base import Task, _check_count, _check_range
+from jalign.tasks.base import ChatTask, _check_count, _check_range, message_text
 from jalign.tools import format_tool_call
 
 _PROMPT_RE = re.compile(r"(\d+)\*(\d+)=")
 
 
-def message_text(value: Any, role: str) -> Any:
-    """The content of the last ``role`` message of a message list; anything else as is.
-
-    Lets a chat task score prompts and completions given either as text or as
-    chat messages (a prompt's last user turn, a conversation's final assistant
-    turn). A list without such a message gives None.
-    """
-    if isinstance(value, (list, tuple)):
-        for message in reversed(value):
-            if isinstance(message, dict) and message.get("role") == role:
-                return message.get("content")
-        return None
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
-class CalcTask(Task):
+class CalcTask(ChatTask):
     """Multiply an integer of ``min_digits``..``max_digits`` digits by another.
 
     Gold reward: exact success, 1.0 when the final assistant turn, stripped of
@@ -131,16 +116,6 @@ class CalcTask(Task):
         return "".join(digits)
 
     # ------------------------------------------------------------ public API
-
-    def prompt_records(self, n: int, *, seed: int, split: str = "train") -> list[dict[str, Any]]:
-        """Prompt-dataset rows ``{"prompt": [user message], "answer": product}``."""
-        return [{"prompt": [{"role": "user", "content": p}], "answer": self.reference(p)}
-                for p in self.prompts(n, seed=seed, split=split)]
-
-    def gold_reward(self, prompts: Sequence[Any], completions: Sequence[Any]) -> np.ndarray:
-        """Exact success (0.0 or 1.0) of each completion's final assistant turn, float32 [n]."""
-        return super().gold_reward([message_text(p, "user") for p in prompts],
-                                   [message_text(c, "assistant") for c in completions])
 
     def demonstrations(
         self, n: int, *, seed: int, quality: float = 1.0, split: str = "train"

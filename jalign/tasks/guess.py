@@ -27,8 +27,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from jalign.environments import Environment, Episode
-from jalign.tasks.base import Task, _check_count, _check_range
-from jalign.tasks.calc import message_text
+from jalign.tasks.base import ChatTask, _check_count, _check_range, message_text
 
 _TAG_CHARS = string.ascii_lowercase + string.digits
 _TAG_LENGTH = 3
@@ -48,7 +47,7 @@ def feedback(guess: int, secret: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class GuessTask(Task):
+class GuessTask(ChatTask):
     """Find a secret integer in 1..``high`` by guessing.
 
     ``secret = 1 + blake2b("guess/" + tag) mod high``, the tag being the
@@ -112,16 +111,6 @@ class GuessTask(Task):
         return str(rng.integers(1, self.high + 1))  # The caller retries the secret.
 
     # ------------------------------------------------------------ public API
-
-    def prompt_records(self, n: int, *, seed: int, split: str = "train") -> list[dict[str, Any]]:
-        """Prompt-dataset rows ``{"prompt": [user message], "answer": secret}``."""
-        return [{"prompt": [{"role": "user", "content": p}], "answer": self.reference(p)}
-                for p in self.prompts(n, seed=seed, split=split)]
-
-    def gold_reward(self, prompts: Sequence[Any], completions: Sequence[Any]) -> np.ndarray:
-        """1.0 where the final assistant turn guesses the secret, else 0.0; float32 [n]."""
-        return super().gold_reward([message_text(p, "user") for p in prompts],
-                                   [message_text(c, "assistant") for c in completions])
 
     def demonstrations(
         self, n: int, *, seed: int, quality: float = 1.0, split: str = "train"

@@ -126,7 +126,12 @@ def test_demonstrations_render_with_the_builtin_chat_template():
         f"assistant: {PRODUCT}<eos>\n")
     assert len(example["tokens"]) == 146 and not cuts.completion_truncated
     prompt_tokens = len(f"<bos>user: {PROMPT}\nassistant: ") - len("<bos>") + 1
-    assert example["loss_mask"].tolist() == [0] * prompt_tokens + [1] * (146 - prompt_tokens)
+    # Trained: the tool call and the answer, each with its EOS; not the tool's result, nor
+    # the framing between the turns.
+    call, observation = len(TOOL_CALL) + 1, len(f"\ntool: {PRODUCT}\nassistant: ")
+    answer = len(PRODUCT) + 1
+    assert example["loss_mask"].tolist() == ([0] * prompt_tokens + [1] * call
+                                             + [0] * observation + [1] * answer + [0])
     lengths = []
     for demo in task.demonstrations(200, seed=0, quality=0.5):
         example, cuts = fit_prompt_completion(demo["prompt"], demo["completion"], tok,
