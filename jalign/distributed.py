@@ -27,6 +27,7 @@ import os
 from typing import Any, Mapping
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 MODES = ("auto", "explicit", "cluster", "off")
@@ -206,3 +207,18 @@ def globalize_slots(batch: dict[str, Any], sharding) -> dict[str, Any]:
             ids = np.asarray(out[key])
             out[key] = np.where(ids >= 0, ids + first_slot * sequences, ids).astype(ids.dtype)
     return out
+
+
+def agreed_max(value: int) -> int:
+    """The largest of every process's `value` (each process's prompts are padded to one
+    width, so that the global prompt array has one shape)."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (all processes sample in lockstep)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

@@ -192,7 +192,7 @@ def test_resolve_builtins():
     name, fn = resolve("length_penalty")      # defaults: target 0, coef 1e-3
     assert fn(["p"], ["c"], completion_lengths=[1000]) == pytest.approx([-1.0])
     assert set(BUILTIN_REWARDS) == {"math_answer", "think_answer_format", "soft_overlong",
-                                    "length_penalty"}
+                                    "length_penalty", "tool_use"}
 
 
 @pytest.mark.parametrize("spec, message", [

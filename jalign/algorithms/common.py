@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from jalign.algorithms.episodes import episode_evaluator
 from jalign.evaluate import evaluate_policy
 from jalign.models import pretrained
 from jalign.models.config import ModelConfig
@@ -46,7 +47,6 @@ def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
     if task is None:
         return None
     if getattr(task, "environment", ""):  # a multi-turn task: held-out episodes
-        from jalign.algorithms.episodes import episode_evaluator
         rows = task.prompt_records(config.eval.num_prompts, seed=config.seed + 1, split="eval")
         evaluate = episode_evaluator(config, model_cfg, tokenizer, task, rows)
         if evaluate is not None:

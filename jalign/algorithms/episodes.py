@@ -43,10 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jalign.data.prompts import prompt_token_ids
+from jalign.distributed import agreed_max, any_process
 from jalign.environments import Environment, Episode
-from jalign.generate import decode_steps, left_pad
+from jalign.evaluate import _sequence_logps, summarize_scores
+from jalign.generate import decode_steps, generate, left_pad
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import Decoder, init_cache, unstack_layers
+from jalign.tasks.guess import GuessEnvironment
+from jalign.tools import CALL_FORMATS, ToolEnvironment, load_tools
 
 ENVIRONMENTS = ("tools", "guess")
 # A string no chat template writes, marking where an assistant turn's content ends.
@@ -91,7 +95,6 @@ def episode_spec(config, task=None, *, max_new_tokens: int | None = None) -> Epi
     if int(rl.max_episode_tokens) < 0:
         raise ValueError(f"config.rl.max_episode_tokens must be >= 0 (0: automatic), got "
                          f"{rl.max_episode_tokens!r}")
-    from jalign.tools import CALL_FORMATS
     if rl.tool_call_format not in CALL_FORMATS:
         raise ValueError(f"config.rl.tool_call_format = {rl.tool_call_format!r} is not valid; "
                          f"valid: {list(CALL_FORMATS)}")
@@ -116,11 +119,9 @@ def make_environment(spec: EpisodeSpec) -> Environment:
     """The environment `spec.environment` names."""
     name = spec.environment
     if name == "tools":
-        from jalign.tools import ToolEnvironment, load_tools
         return ToolEnvironment(load_tools(spec.tools), call_format=spec.tool_call_format,
                                timeout_s=spec.tool_timeout)
     if name == "guess":
-        from jalign.tasks.guess import GuessEnvironment
         return GuessEnvironment()
     target = name[len("python:"):]
     module_name, _, attr = target.rpartition(".")
@@ -241,7 +242,6 @@ class EpisodeRunner:
             fetch: Callable | None = None) -> EpisodeBatch:
         """Plays one episode per row. `put` sends this process's rows of a host array to
         the devices (split over the batch; default: as is) and `fetch` brings them back."""
-        from jalign.algorithms.rollout import _agreed_max, _any_process
         put = put or jnp.asarray
         fetch = fetch or np.asarray
         spec, tok, env = self.spec, self.tok, self.env
@@ -253,7 +253,7 @@ class EpisodeRunner:
         episodes = [Episode(row=r, messages=[{"role": "user", "content": p}] if isinstance(p, str)
                             else [dict(m) for m in p]) for r, p in zip(rows, prompts)]
         ids = [self.frame.prompt_ids(p) for p in prompts]
-        width = _agreed_max(-(-max(len(x) for x in ids) // 16) * 16)
+        width = agreed_max(-(-max(len(x) for x in ids) // 16) * 16)
         slots = width + spec.episode_tokens
         tokens = np.full((b, slots), tok.pad_id, np.int32)
         valid = np.zeros((b, slots), np.int32)
@@ -269,7 +269,7 @@ class EpisodeRunner:
         long_obs = 0
         for turn in range(spec.max_turns):
             limit = min(spec.max_new_tokens, slots - slot)
-            if limit <= 0 or not _any_process(bool(active.any())):
+            if limit <= 0 or not any_process(bool(active.any())):
                 break
             out = self._turn(params, cache, h_last, put((count - 1).astype(np.int32)),
                              put(~active), jnp.int32(slot), jnp.int32(limit), rng, turn)
@@ -284,7 +284,7 @@ class EpisodeRunner:
             observations, cut = self._end_turn(episodes, new_t, new_m, active, truncated,
                                                finals, turn)
             long_obs += cut
-            obs_width = _agreed_max(-(-max((len(x) for x in observations.values()), default=0) // 8) * 8)
+            obs_width = agreed_max(-(-max((len(x) for x in observations.values()), default=0) // 8) * 8)
             if obs_width == 0:
                 continue
             if slot + obs_width + 1 > slots:  # the context is full: these episodes end here
@@ -303,7 +303,7 @@ class EpisodeRunner:
         del cache
         # The training rows are as wide as the longest episode, rounded up to a multiple of
         # 64 (a few step shapes over a run, not one per step), at most the whole context.
-        longest = _agreed_max(int(valid.sum(1).max()))
+        longest = agreed_max(int(valid.sum(1).max()))
         batch = _compact(tokens, valid, generated, logps, tok.pad_id,
                          width=min(-(-longest // 64) * 64, -(-slots // 16) * 16))
         gen_counts = generated.sum(1)
@@ -360,7 +360,6 @@ class EpisodeRunner:
         benchmarks/multiturn.py): every turn re-encodes the whole conversation with
         `jalign.generate.generate` instead of continuing from the cache. Same turns, same
         uniforms; returns each episode's token ids (prompt and every turn). One process."""
-        from jalign.generate import generate
         spec, tok = self.spec, self.tok
         b = len(rows)
         prompts = self.env.reset(rows)
@@ -444,7 +443,6 @@ def evaluate_episodes(params, model_cfg: ModelConfig, tokenizer, env, spec: Epis
     `score_fn(rows, episodes, final_turns, lengths) -> {name: scores}` gives NAME/greedy,
     NAME/sampled and their sems; env/* metrics of the sampled episodes, their generated
     length and (with `ref_params`) kl/ref over the generated tokens."""
-    from jalign.evaluate import _sequence_logps, summarize_scores
     if runners is None:
         runners = {}
     for mode in ("greedy", "sampled"):

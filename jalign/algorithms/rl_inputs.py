@@ -17,6 +17,7 @@ import numpy as np
 
 from jalign.algorithms.common import (check_vocab, load_tokenizer, report_skips,
                                       report_truncation)
+from jalign.algorithms.episodes import episode_evaluator
 from jalign.algorithms.reward_sources import (CombinedReward, build_sources, check_columns,
                                               combine_ensemble, judge_reward, task_gold_reward)
 from jalign.algorithms.rl_spec import RlSpec
@@ -153,7 +154,6 @@ def rl_evaluator(config, model_cfg: ModelConfig, spec: RlSpec, inputs: RlInputs)
     task, reward = inputs.task, inputs.reward
     by_functions = tuple(spec.reward_sources) != ("gold",)
     if spec.episodes is not None:
-        from jalign.algorithms.episodes import episode_evaluator
         return episode_evaluator(config, model_cfg, inputs.tokenizer, task, held,
                                  reward=reward if by_functions else None)
 

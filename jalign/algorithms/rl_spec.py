@@ -13,6 +13,7 @@ from jalign.algorithms.episodes import EpisodeSpec, episode_spec
 from jalign.algorithms.preference import PreferenceSpec, pair_spec
 from jalign.algorithms.reward_sources import ENSEMBLE_COMBINATIONS
 from jalign.losses.rl import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from jalign.tasks import get_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +106,6 @@ def rl_spec(config) -> RlSpec:
     rloo = algo == "rloo"
     task = None
     if config.data.get("source", "task") == "task" and config.data.get("task"):
-        from jalign.tasks import get_task
         task = get_task(config.data.task)
     episodes = episode_spec(config, task)
     ensemble = _choice(rl, "reward_ensemble", ENSEMBLE_COMBINATIONS)

@@ -21,9 +21,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jalign import sharding as shd
+from jalign.algorithms.episodes import EpisodeRunner, make_environment, score_episodes
 from jalign.algorithms.rl_inputs import RlInputs
 from jalign.algorithms.rl_spec import RlSpec
 from jalign.data.prompts import PROMPT_IDS_KEY
+from jalign.distributed import agreed_max, any_process
 from jalign.generate import decode_completions, generate, left_pad
 from jalign.models.config import ModelConfig
 
@@ -92,7 +94,7 @@ def sample_and_score(state, params, records: Sequence[Mapping], *, sampler, toke
     """
     repeated = [r for r in records for _ in range(group_size)]
     encoded = [list(r[PROMPT_IDS_KEY]) for r in repeated]
-    width = _agreed_max(-(-max(len(e) for e in encoded) // 16) * 16)
+    width = agreed_max(-(-max(len(e) for e in encoded) // 16) * 16)
     prompt, mask = left_pad(encoded, tokenizer.pad_id, width)
     put = functools.partial(jax.make_array_from_process_local_data, sharding)
     batch, completion, completion_mask = sampler(params, state.rng, state.step, round_,
@@ -117,7 +119,6 @@ def make_episode_sampler(model_cfg: ModelConfig, rl: RlSpec, inputs: RlInputs) -
     metrics, host scores, repeated records)`, like `sample_and_score` but each sample is a
     multi-turn episode with `config.rl.environment` (jalign.algorithms.episodes). The RNG
     is the single-turn sampler's, with each turn folded in."""
-    from jalign.algorithms.episodes import EpisodeRunner, make_environment, score_episodes
     env = make_environment(rl.episodes)
     runner = EpisodeRunner(model_cfg, inputs.tokenizer, env, rl.episodes,
                            temperature=rl.temperature)
@@ -159,21 +160,6 @@ class _TieWatch:
         self.steps += 1
 
 
-def _agreed_max(value: int) -> int:
-    """The largest of every process's `value` (each process's prompts are padded to one
-    width, so that the global prompt array has one shape)."""
-    if jax.process_count() == 1:
-        return value
-    return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
-
-
-def _any_process(flag: bool) -> bool:
-    """True on every process if `flag` is True on any (all processes sample in lockstep)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-
-
 def _fill_with_signal(first, more: Callable, *, group_size: int, max_rounds: int, sharding):
     """DAPO's dynamic sampling over rounds of (device batch, host scores).
 
@@ -185,7 +171,7 @@ def _fill_with_signal(first, more: Callable, *, group_size: int, max_rounds: int
     rounds = [first]
     wanted = len(first[1]) // group_size
     kept = [(0, g) for g in np.flatnonzero(~_tied_groups(first[1], group_size))]
-    while _any_process(len(kept) < wanted) and len(rounds) <= max_rounds:
+    while any_process(len(kept) < wanted) and len(rounds) <= max_rounds:
         batch, scores = more(len(rounds))
         kept += [(len(rounds), g) for g in np.flatnonzero(~_tied_groups(scores, group_size))]
         rounds.append((batch, scores))
