@@ -2,9 +2,11 @@
 
     python benchmarks/multiturn.py [--preset tiny] [--batch 32] [--turns 2,4,8] [--new 32]
 
-Both ways play the same greedy episodes of the same random model (EOS made likely, so
-turns end by themselves) against an environment that answers every turn with a short
-user message until `--turns` turns were played:
+Both ways play the same sampled episodes (same key, so the same tokens) of the same
+random model, its EOS embedding scaled by `--eos_boost` so that turns end by themselves
+after a few tokens (a turn cut at `--new` tokens would end its episode), against an
+environment that answers every turn with a short user message until `--turns` turns were
+played. Greedy turns (`--greedy`) of this model end at once, so they measure nothing.
 
   cache     jalign's `EpisodeRunner.run`: one prefill of the prompt, then per turn the
             decode loop continues from the cache and the observation is prefilled after it;
@@ -66,7 +68,9 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--turns", default="2,4,8")
     parser.add_argument("--new", type=int, default=32, help="max new tokens per turn")
-    parser.add_argument("--eos_boost", type=float, default=12.0)
+    parser.add_argument("--eos_boost", type=float, default=11.0)
+    parser.add_argument("--greedy", action="store_true",
+                        help="greedy turns (the random model then ends every turn at once)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     tok = builtin_tokenizer()
@@ -83,8 +87,8 @@ def main():
     results = []
     for turns in (int(t) for t in args.turns.split(",")):
         spec = EpisodeSpec("bench", max_turns=turns, max_new_tokens=args.new,
-                           episode_tokens=turns * (args.new + 24), max_observation_tokens=24)
-        runner = EpisodeRunner(cfg, tok, Answers(turns), spec, greedy=True)
+                           episode_tokens=turns * (args.new + 64), max_observation_tokens=64)
+        runner = EpisodeRunner(cfg, tok, Answers(turns), spec, greedy=args.greedy)
         rng = jax.random.PRNGKey(1)
         played = runner.run(params, rows, rng)
         convs = runner.run_reencoding(params, rows, rng)
