@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from jalign.tasks.base import ChatTask, _check_count, _check_range, message_text
+from jalign.tasks.base import ChatTask, message_text
 from jalign.tools import format_tool_call
 
 _PROMPT_RE = re.compile(r"(\d+)\*(\d+)=")
@@ -127,24 +127,17 @@ class CalcTask(ChatTask):
         single assistant turn with a near-miss product. Same prompts as the
         base class's string demonstrations, whatever ``quality``.
         """
-        _check_count(n)
-        _check_range("quality", quality, 0.0, 1.0)
-        prompt_rng = self._rng(seed, "demonstrations", split)
-        coin_rng = self._rng(seed, "demonstrations/coin", split)
-        answer_rng = self._rng(seed, "demonstrations/answer", split)
         examples = []
-        for _ in range(n):
-            prompt = self._prompt_in_split(prompt_rng, split)
-            if coin_rng.random() < quality:
-                product = self.reference(prompt)
+        for example in super().demonstrations(n, seed=seed, quality=quality, split=split):
+            prompt, answer = example["prompt"], example["completion"]
+            if answer == self.reference(prompt):    # the perfect ones call the calculator
                 completion = [
                     {"role": "assistant", "content": self._tool_call(prompt.removesuffix("="))},
-                    {"role": "tool", "content": product},
-                    {"role": "assistant", "content": product},
+                    {"role": "tool", "content": answer},
+                    {"role": "assistant", "content": answer},
                 ]
             else:
-                completion = [{"role": "assistant",
-                               "content": self._imperfect_checked(prompt, answer_rng)}]
+                completion = [{"role": "assistant", "content": answer}]
             examples.append({"prompt": [{"role": "user", "content": prompt}],
                              "completion": completion})
         return examples
