@@ -62,24 +62,6 @@ def test_gold_reward_of_the_final_turn(completion, expected):
         assert task.gold_reward([prompt], [completion])[0] == expected
 
 
-def test_deterministic_in_seed_and_splits_disjoint():
-    task = get_task("guess")
-    demos = task.demonstrations(60, seed=3, quality=0.5)
-    assert demos == task.demonstrations(60, seed=3, quality=0.5)
-    assert demos[:20] == task.demonstrations(20, seed=3, quality=0.5)
-    assert demos != task.demonstrations(60, seed=4, quality=0.5)
-
-    def user_texts(rows):
-        return {row["prompt"][0]["content"] for row in rows}
-    train = user_texts(task.demonstrations(500, seed=0)) | user_texts(
-        task.prompt_records(500, seed=1))
-    evals = user_texts(task.demonstrations(500, seed=0, split="eval")) | user_texts(
-        task.prompt_records(500, seed=1, split="eval"))
-    assert len(train) > 900 and len(evals) > 900 and not train & evals
-    assert {task.split_of(p) for p in train} == {"train"}
-    assert {task.split_of(p) for p in evals} == {"eval"}
-
-
 def test_quality_one_demonstrations_are_binary_searches():
     task = get_task("guess")
     demos = task.demonstrations(400, seed=0, quality=1.0)

@@ -191,3 +191,23 @@ def test_all_text_fits_the_builtin_tokenizer_and_budgets(single_turn_task):
     assert all(isinstance(t, str) and t for t in prompts + completions)
     assert max(map(len, prompts)) <= task.max_prompt_chars <= 40
     assert max(map(len, completions)) <= task.max_completion_chars <= 40
+
+
+@pytest.mark.parametrize("name", [name for name in TASKS if get_task(name).environment])
+def test_chat_tasks_are_deterministic_in_seed_and_splits_disjoint(name):
+    task = get_task(name)
+    demos = task.demonstrations(60, seed=3, quality=0.5)
+    assert demos == task.demonstrations(60, seed=3, quality=0.5)
+    assert demos[:20] == task.demonstrations(20, seed=3, quality=0.5)
+    assert demos != task.demonstrations(60, seed=4, quality=0.5)
+    assert task.prompt_records(30, seed=3) == get_task(name).prompt_records(30, seed=3)
+
+    def user_texts(rows):
+        return {row["prompt"][0]["content"] for row in rows}
+    train = user_texts(task.demonstrations(500, seed=0)) | user_texts(
+        task.prompt_records(500, seed=1))
+    evals = user_texts(task.demonstrations(500, seed=0, split="eval")) | user_texts(
+        task.prompt_records(500, seed=1, split="eval"))
+    assert len(train) > 900 and len(evals) > 900 and not train & evals
+    assert {task.split_of(p) for p in train} == {"train"}
+    assert {task.split_of(p) for p in evals} == {"eval"}
