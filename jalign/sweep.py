@@ -13,6 +13,17 @@ their mean, sample standard deviation (ddof=1) and a 95% t-interval over seeds:
 mean +- t(0.975, N-1) * std / sqrt(N), the t quantile from scipy (a dependency of
 jax). The table is printed as "mean ± half-width" and WORKDIR/curves.png plots each
 stage's held-out evals against steps, the mean over seeds with the interval as a band.
+
+`gains` says whether each stage beat the model it started from (a DPO or RL stage: the
+SFT model) on every seed: per seed, the change of held-out gold reward from the stage's
+first eval (its start model) to its last, and the standard error of that change,
+sqrt(sem_start^2 + sem_final^2) (the two evals' standard errors over prompts, taken as
+independent, which is conservative for the greedy score on the same prompts); a seed
+counts as a win when the change exceeds `WIN_SES` (2) standard errors.
+
+A string setting containing "{seed}" is formatted per seed, so a stage that starts
+from a per-seed model sweeps with it, e.g.
+`--config.init_from=/tmp/qs5/seed_{seed}/sft/final_params`.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ from jalign import loop, pipeline
 from jalign.plots import EVAL_PANELS, plot_panels
 
 CONFIDENCE = 0.95
+WIN_SES = 2.0  # a seed's gain counts as a win above this many standard errors
+GAIN_METRICS = ("gold_reward/sampled", "gold_reward/greedy")
 INTERVAL = ("95% t-interval over seeds: mean +- t(0.975, n-1) * std / sqrt(n), "
             "std the sample standard deviation (ddof=1)")
 
@@ -75,6 +88,53 @@ def table_of(summary: dict, config) -> dict[str, dict[str, float]]:
     return {config.algo: pipeline.table_row(summary, "final")}
 
 
+def stage_gains(summary: dict, config) -> dict[str, dict[str, dict[str, float]]]:
+    """{stage: {metric: {start, final, gain, se}}} of one run, for each GAIN_METRICS
+    metric a stage's first ("initial") and last ("final") evals both report with a _sem."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for stage, s in stage_summaries(summary, config).items():
+        start, final = s.get("initial") or {}, s.get("final") or {}
+        if start.get("step", 0) != 0:  # the first eval is not the start model's
+            continue
+        for m in GAIN_METRICS:
+            if all(k in d for d in (start, final) for k in (m, f"{m}_sem")):
+                out.setdefault(stage, {})[m] = {
+                    "start": float(start[m]), "final": float(final[m]),
+                    "gain": float(final[m]) - float(start[m]),
+                    "se": math.hypot(float(start[f"{m}_sem"]), float(final[f"{m}_sem"]))}
+    return out
+
+
+def combine_gains(per_seed: list[dict[str, dict[str, dict[str, float]]]]) -> dict[str, Any]:
+    """Per-seed stage_gains -> {stage: {metric: {gain: spread over seeds, se: per-seed
+    standard errors, wins: seeds whose gain > WIN_SES * se, num_seeds}}}."""
+    out: dict[str, Any] = {}
+    for stage, metrics in per_seed[0].items():
+        for m in metrics:
+            if not all(m in s.get(stage, {}) for s in per_seed):
+                continue
+            gains = [s[stage][m]["gain"] for s in per_seed]
+            ses = [s[stage][m]["se"] for s in per_seed]
+            out.setdefault(stage, {})[m] = {
+                "gain": spread(gains), "se": ses,
+                "start": spread([s[stage][m]["start"] for s in per_seed]),
+                "wins": int(sum(g > WIN_SES * e for g, e in zip(gains, ses))),
+                "num_seeds": len(per_seed)}
+    return out
+
+
+def format_gains(gains: dict[str, Any]) -> str:
+    """One line per stage and metric: mean gain ± half-width, and the seeds it won."""
+    lines = []
+    for stage, metrics in gains.items():
+        for m, g in metrics.items():
+            lines.append(f"{stage:<10}{m:<22} gain over its start {g['gain']['mean']:+.3f} ± "
+                         f"{g['gain']['half_width']:.3f}, above {WIN_SES:g} standard errors "
+                         f"on {g['wins']}/{g['num_seeds']} seeds "
+                         f"(per seed: {', '.join(f'{v:+.3f}' for v in g['gain']['values'])})")
+    return "\n".join(lines)
+
+
 def _spread_nested(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict]]:
     """Per-seed {row: {key: value}} -> {row: {key: spread}} over keys every seed has."""
     out: dict[str, dict[str, dict]] = {}
@@ -89,7 +149,8 @@ def combine(summaries: Sequence[dict], config, seeds: Sequence[int]) -> dict[str
     return {"seeds": list(seeds), "runs": [f"seed_{k}" for k in seeds], "interval": INTERVAL,
             "t_quantile": t_quantile(len(seeds)),
             "metrics": _spread_nested([final_metrics(s, config) for s in summaries]),
-            "table": _spread_nested([table_of(s, config) for s in summaries])}
+            "table": _spread_nested([table_of(s, config) for s in summaries]),
+            "gains": combine_gains([stage_gains(s, config) for s in summaries])}
 
 
 def format_table(table: dict[str, dict[str, dict]]) -> str:
@@ -131,7 +192,16 @@ def seed_curves(summaries: Sequence[dict], config) -> dict[str, dict[str, dict[s
 def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
     cfg = copy.deepcopy(config)
     cfg.seed = seed
+    _format_seed(cfg, seed)
     return cfg
+
+
+def _format_seed(cfg: ml_collections.ConfigDict, seed: int) -> None:
+    for key, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            _format_seed(value, seed)
+        elif isinstance(value, str) and "{seed}" in value:
+            cfg[key] = value.replace("{seed}", str(seed))
 
 
 def _run_one(config, workdir: str) -> dict:
@@ -156,6 +226,8 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, num_seeds: int, *
     if jax.process_index() == 0:
         print(f"{num_seeds} seeds, {INTERVAL}:")
         print(format_table(out["table"]))
+        if out["gains"]:
+            print(format_gains(out["gains"]))
         plot_panels(seed_curves(summaries, config), os.path.join(workdir, "curves.png"),
                     title=f"mean over {num_seeds} seeds, band: 95% t-interval")
         with open(os.path.join(workdir, "summary.json"), "w") as f:

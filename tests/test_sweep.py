@@ -86,3 +86,37 @@ def test_a_pipelines_stages_and_table_combine_over_seeds():
     curves = sweep.seed_curves(runs, config)["sft"]
     assert curves["held-out gold reward"]["gold_reward/greedy"]["step"] == [0]
     assert curves["KL to start"]["kl/ref"]["step"] == [6]
+
+
+def test_gains_over_the_start_model_count_seeds_above_two_standard_errors():
+    config = parse_config(config="configs/quickstart.py:test")
+    # (start, sem, final, sem) of sampled gold per seed: gains 0.12 (se 0.05: a win),
+    # 0.06 (se 0.0316..: not above 2 se), -0.02 (a loss).
+    cases = [(0.5, 0.03, 0.62, 0.04), (0.55, 0.01, 0.61, 0.03), (0.6, 0.02, 0.58, 0.02)]
+
+    def run(start, start_sem, final, final_sem):
+        dpo = {"initial": {"step": 0, "gold_reward/sampled": start,
+                           "gold_reward/sampled_sem": start_sem, "gold_reward/greedy": 0.7},
+               "final": {"step": 9, "gold_reward/sampled": final,
+                         "gold_reward/sampled_sem": final_sem, "gold_reward/greedy": 0.8}}
+        resumed = {"initial": {"step": 5, "gold_reward/sampled": 0.0,
+                               "gold_reward/sampled_sem": 0.0},
+                   "final": {"step": 9, "gold_reward/sampled": 1.0,
+                             "gold_reward/sampled_sem": 0.0}}
+        return {"stages": {"dpo": dpo, "other": resumed}, "table": {}}
+
+    out = sweep.combine([run(*c) for c in cases], config, [0, 1, 2])
+    assert set(out["gains"]) == {"dpo"}  # no sems (greedy) or no step-0 eval: no gain
+    gain = out["gains"]["dpo"]["gold_reward/sampled"]
+    expected = [f - s for s, _, f, _ in cases]
+    assert gain["gain"]["values"] == pytest.approx(expected)
+    assert gain["se"] == pytest.approx([0.05, math.sqrt(0.001), math.sqrt(0.0008)])
+    assert gain["wins"] == 1 and gain["num_seeds"] == 3
+    assert "on 1/3 seeds" in sweep.format_gains(out["gains"])
+
+
+def test_seed_placeholders_are_formatted_per_seed():
+    config = parse_config("--config.init_from=/runs/seed_{seed}/sft/final_params")
+    cfg = sweep.seed_config(config, 3)
+    assert cfg.seed == 3 and cfg.init_from == "/runs/seed_3/sft/final_params"
+    assert config.init_from == "/runs/seed_{seed}/sft/final_params"  # the original is kept
