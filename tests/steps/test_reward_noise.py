@@ -21,25 +21,25 @@ CFG = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num
                   intermediate_size=128)
 
 
-def _dataset(split, label_noise, *, num_epochs=None):
-    rows = get_task("sort").preference_pairs(1024 if split == "train" else 256, seed=1,
+def _dataset(split, label_noise, *, num_epochs=None, seed=0):
+    rows = get_task("sort").preference_pairs(1024 if split == "train" else 256, seed=seed + 1,
                                              label_noise=label_noise, split=split)
     records = preference_records_from_dicts(rows)[0]
     return make_preference_dataset(records, builtin_tokenizer(), batch_size=32, max_length=40,
-                                   seed=0, num_epochs=num_epochs, shuffle=split == "train")
+                                   seed=seed, num_epochs=num_epochs, shuffle=split == "train")
 
 
-def _held_out_accuracy(label_noise, evals=(150, 200, 250)):
+def _held_out_accuracy(label_noise, evals=(150, 200, 250), seed=0):
     """Held-out pairwise accuracy averaged over several points of one run: a single
     point swings by +-0.1 with float rounding (reduction order), the average much less."""
     opt = optax.adam(1e-3)
     mesh = shd.make_mesh({"fsdp": 1}, jax.devices()[:1])
-    state, _ = init_train_state(scalar_model_init_fn(CFG), opt, mesh, shd.DEFAULT_RULES, seed=0)
+    state, _ = init_train_state(scalar_model_init_fn(CFG), opt, mesh, shd.DEFAULT_RULES, seed=seed)
     step = jax.jit(make_reward_step(decoder_score_fn(CFG), opt, loss_fn=functools.partial(
         losses.reward_loss, center_rewards_coefficient=0.01)))
     score = jax.jit(lambda p, b: sequence_scores(p, CFG, b, 2 * b["pair_mask"].shape[0]))
-    eval_batches = list(_dataset("eval", 0.0, num_epochs=1))
-    it = iter(_dataset("train", label_noise))
+    eval_batches = list(_dataset("eval", 0.0, num_epochs=1, seed=seed))
+    it = iter(_dataset("train", label_noise, seed=seed))
     accuracies = []
     for done in range(1, max(evals) + 1):
         state, _ = step(state, next(it))
