@@ -17,6 +17,10 @@ bias on the pairs it labelled.
 Variants (`--config=configs/cai_tiny.py:VARIANT[,VARIANT]`):
   gold  the label stage labels the same sampled pairs by the gold reward (the control:
         the DPO gain from AI labels as a fraction of this one's);
+  critique  Constitutional AI in full: after SFT, the judge's model critiques and revises
+        the SFT model's samples under the constitution (the `revise` stage), `sl_cai` is
+        SFT on the revisions (from the SFT model), and the label and DPO stages then start
+        from the SL-CAI model: sft -> revise -> sl_cai -> label -> dpo;
   test  seconds-long sizes for CI; the judge defaults to the SFT stage's own model
         ("stage:sft", no download) with one-character labels.
 """
@@ -34,10 +38,10 @@ CONSTITUTION = "configs/constitutions/helpful_concise.txt"
 
 def get_config(arg: str = ""):
     variants = {v for v in arg.split(",") if v}
-    unknown = variants - {"gold", "test"}
+    unknown = variants - {"gold", "test", "critique"}
     if unknown:
         raise ValueError(f"configs/cai_tiny.py: unknown variant(s) {sorted(unknown)}; "
-                         "valid: 'gold', 'test'")
+                         "valid: 'gold', 'critique', 'test'")
     config = _quickstart["sort_task_config"]()  # the quickstart's task, model, SFT settings
     config.pipeline.stages = "sft,label,dpo"
     config.pipeline.sft = ml_collections.ConfigDict()
@@ -59,6 +63,18 @@ def get_config(arg: str = ""):
     config.pipeline.dpo.data = ml_collections.ConfigDict({
         "source": "jsonl", "path": "stage:label/pairs.jsonl"})
     config.pipeline.dpo.eval = ml_collections.ConfigDict({"task": "sort", "win_rate": True})
+    if "critique" in variants:
+        config.pipeline.stages = "sft,revise,sl_cai=sft,label,dpo"
+        config.revise.num_prompts = config.label.num_prompts
+        config.revise.max_new_tokens = config.label.max_new_tokens
+        config.pipeline.revise = ml_collections.ConfigDict()
+        sl_cai = {"source": "jsonl", "path": "stage:revise/revisions.jsonl"}
+        config.pipeline.sl_cai = ml_collections.ConfigDict({
+            "data": sl_cai, "train": {"num_steps": 100, "eval_every": 50},
+            "optimizer": {"learning_rate": 3e-4, "warmup_steps": 10},
+            "eval": {"task": "sort"}})
+        config.pipeline.label.init_from = "stage:sl_cai/final_params"
+        config.pipeline.dpo.init_from = "stage:sl_cai/final_params"
     if "test" in variants:
         config.data.num_train_examples = 256
         config.data.num_eval_pairs = 16
@@ -77,4 +93,12 @@ def get_config(arg: str = ""):
         config.label.num_prompts = 16
         config.label.max_new_tokens = 8
         config.label.batch_size = 16
+        config.revise.num_prompts = 16
+        config.revise.max_new_tokens = 8
+        config.revise.critique_tokens = 8
+        config.revise.revision_tokens = 8
+        config.revise.batch_size = 16
+        if "critique" in variants:
+            config.pipeline.sl_cai.train = ml_collections.ConfigDict(
+                {"num_steps": 4, "eval_every": 4, "checkpoint_every": 4})
     return config

@@ -191,6 +191,14 @@ def base_config() -> ml_collections.ConfigDict:
         num_prompts=256, num_samples=2, max_new_tokens=24, temperature=1.0, batch_size=64,
         labeller="judge"))
 
+    # The revise stage (jalign.revise, Constitutional AI's supervised step): one completion
+    # per prompt from the policy, a critique and a revision of it by config.judge's model
+    # under a principle of its constitution, written to WORKDIR/revisions.jsonl for SFT.
+    c.revise = ml_collections.ConfigDict(dict(
+        num_prompts=256, max_new_tokens=24, temperature=1.0, critique_tokens=48,
+        revision_tokens=24, critic_temperature=0.7, batch_size=32, first_line=True,
+        critique_template="", revision_template=""))
+
     c.eval = ml_collections.ConfigDict(dict(
         num_prompts=128, max_new_tokens=24, temperature=1.0, batch_size=64, kl_to_start=True,
         # a built-in task whose held-out prompts and gold reward evaluate a run on file data

@@ -164,7 +164,11 @@ class Judge:
         self.truncated = 0  # rendered prompts longer than spec.max_length (their start was cut)
 
     def render(self, **fields: str) -> list[int]:
-        text = self.spec.template.format(**fields)
+        return self.encode(self.spec.template.format(**fields))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a request to the judge model: BOS, then `text` as a user turn of
+        its chat template (with config.judge.chat and a template) or as it is."""
         if self.spec.chat and self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                       add_generation_prompt=True)

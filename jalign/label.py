@@ -82,7 +82,7 @@ def spec(config) -> LabelSpec:
                      float(label.temperature), int(label.batch_size), str(label.labeller), judge)
 
 
-def _policy(config) -> tuple[Any, ModelConfig, Tokenizer]:
+def load_policy(config) -> tuple[Any, ModelConfig, Tokenizer]:
     """The policy's params (frozen, one device), architecture and tokenizer."""
     config, source = resolve_start(config)
     model = ModelConfig.from_mapping(config.model)
@@ -99,7 +99,7 @@ def _policy(config) -> tuple[Any, ModelConfig, Tokenizer]:
     return params, model, tokenizer
 
 
-def _prompt_records(config, tokenizer, n: int) -> tuple[list[dict], Any]:
+def prompt_records(config, tokenizer, n: int) -> tuple[list[dict], Any]:
     data = config.data
     task = None
     if data.source == "task":
@@ -116,14 +116,14 @@ def _prompt_records(config, tokenizer, n: int) -> tuple[list[dict], Any]:
                                   on_bad_row=data.on_bad_row), task
 
 
-def _shown(prompt) -> str:
+def shown_prompt(prompt) -> str:
     """The prompt as the judge reads it: the text, or a conversation's last user turn."""
     if isinstance(prompt, str):
         return prompt.strip()
     return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
-def _response(prompt, text: str):
+def as_response(prompt, text: str):
     return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
@@ -166,7 +166,7 @@ def label_pairs(spec_: LabelSpec, records: Sequence[Mapping], completions: Seque
     # needs two non-empty responses.
     kept = [i for i in range(len(xs)) if xs[i] != ys[i] and xs[i].strip() and ys[i].strip()]
     prompts, xs, ys = ([v[i] for i in kept] for v in (prompts, xs, ys))
-    texts = [_shown(r["prompt"]) for r in prompts]
+    texts = [shown_prompt(r["prompt"]) for r in prompts]
     gold_x = gold_y = None
     if task is not None:
         gold_x = task.gold_reward([r["prompt"] for r in prompts], xs)
@@ -197,8 +197,8 @@ def label_pairs(spec_: LabelSpec, records: Sequence[Mapping], completions: Seque
             continue
         x_wins = p > 0.5
         row = {"prompt": prompts[i]["prompt"],
-               "chosen": _response(prompts[i]["prompt"], xs[i] if x_wins else ys[i]),
-               "rejected": _response(prompts[i]["prompt"], ys[i] if x_wins else xs[i]),
+               "chosen": as_response(prompts[i]["prompt"], xs[i] if x_wins else ys[i]),
+               "rejected": as_response(prompts[i]["prompt"], ys[i] if x_wins else xs[i]),
                "judge_probability": float(p if x_wins else 1.0 - p), "principle": principles[i]}
         if task is not None:
             row["gold_chosen"] = float(gold_x[i] if x_wins else gold_y[i])
@@ -220,8 +220,8 @@ def run_label(config, workdir: str) -> dict[str, Any]:
         with open(summary_path) as f:
             return json.load(f)
     spec_ = spec(config)
-    params, model, tokenizer = _policy(config)
-    records, task = _prompt_records(config, tokenizer, spec_.num_prompts)
+    params, model, tokenizer = load_policy(config)
+    records, task = prompt_records(config, tokenizer, spec_.num_prompts)
     samples = sample_best_of_n(
         params, model, tokenizer, [r[PROMPT_IDS_KEY] for r in records],
         lambda indices, texts, lengths: np.zeros(len(texts)), n=spec_.num_samples,

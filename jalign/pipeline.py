@@ -17,7 +17,10 @@ one); only the stage named "sft" becomes the later stages' start. A string setti
 A stage that trains nothing runs its function instead of the loop: `label` (jalign.label)
 samples from the current start model, has a judge label pairs and writes
 WORKDIR/label/pairs.jsonl, which a later stage reads with
-`config.data.path = "stage:label/pairs.jsonl"` (configs/cai_tiny.py).
+`config.data.path = "stage:label/pairs.jsonl"` (configs/cai_tiny.py); `revise`
+(jalign.revise) has the judge's model critique and revise the start model's samples and
+writes WORKDIR/revise/revisions.jsonl for an SFT stage (Constitutional AI's supervised
+step, `configs/cai_tiny.py:critique`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from jalign import label, loop
+from jalign import label, loop, revise
 from jalign.algorithms import ALGOS, get_algorithm
 from jalign.config_utils import resolve_start, validate_config
 from jalign.plots import plot_curves
@@ -53,7 +56,8 @@ def _merge(target: ml_collections.ConfigDict, overrides: Any, prefix: str) -> No
 
 STAGE_PREFIX = "stage:"
 # Stages that train nothing: algorithm name -> (spec(config), run(config, workdir) -> summary).
-NON_TRAINING = {"label": (label.spec, label.run_label)}
+NON_TRAINING = {"label": (label.spec, label.run_label),
+                "revise": (revise.spec, revise.run_revise)}
 STAGE_ALGOS = ALGOS + tuple(NON_TRAINING)
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jalign import judges, label, pipeline
+from jalign import judges, label, pipeline, revise
 from jalign.algorithms.reward_sources import build_sources, judge_reward
 from jalign.config_utils import base_config
 from jalign.data import load_preference_records, make_preference_dataset
@@ -95,13 +95,13 @@ def test_a_missing_constitution_names_the_key_and_the_path():
         pipeline.validate_pipeline(config)
 
 
-def _cai_test_config():
+def _cai_test_config(variant="test"):
     import importlib.util
     spec = importlib.util.spec_from_file_location("cai_tiny", os.path.join(ROOT, "configs",
                                                                            "cai_tiny.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("test")
+    config = module.get_config(variant)
     config.judge.constitution = CONSTITUTION
     return config
 
@@ -162,11 +162,58 @@ def test_judge_reward_source_scores_each_completion(params, monkeypatch):
 
 
 @pytest.mark.slow
-def test_cai_tiny_runs_sft_label_dpo_end_to_end(tmp_path):
-    config = _cai_test_config()
+def test_cai_tiny_runs_sft_revise_sl_cai_label_dpo_end_to_end(tmp_path):
+    """Constitutional AI in full at seconds-long sizes: the revise stage's JSONL is the
+    SL-CAI stage's SFT data, and label and DPO start from the SL-CAI model."""
+    config = _cai_test_config("critique,test")
     out = pipeline.run_pipeline(config, str(tmp_path))
+    revised = [json.loads(line) for line in open(tmp_path / "revise" / revise.REVISIONS_FILE)]
+    report = out["stages"]["revise"]["final_metrics"]
+    assert len(revised) == report["revise/rows"] > 0
+    assert report["revise/rows"] + report["revise/empty_revisions"] == 16
+    principles = set(judges.read_constitution(CONSTITUTION))
+    for row in revised:
+        assert row["principle"] in principles and "\n" not in row["completion"]
+        assert row["gold_revision"] == get_task("sort").gold_reward([row["prompt"]],
+                                                                    [row["completion"]])[0]
+    assert out["stages"]["sl_cai"]["final_metrics"]["num_tokens"] > 0
+    for stage in ("label", "dpo"):
+        start = pipeline.stage_config(config, stage, "unused", str(tmp_path)).init_from
+        assert start == str(tmp_path / "sl_cai" / "final_params"), stage
     rows, _ = load_preference_records(str(tmp_path / "label" / label.PAIRS_FILE))
     assert len(rows) == out["stages"]["label"]["final_metrics"]["label/pairs_written"] > 0
     final = out["stages"]["dpo"]["final"]
     assert "gold_reward/greedy" in final and 0.0 <= final["winrate/length_controlled"] <= 1.0
-    assert set(out["table"]) == {"base", "sft", "dpo"}
+    assert set(out["table"]) == {"base", "sft", "sl_cai", "dpo"}
+
+
+def test_revision_rows_keep_non_empty_revisions_with_gold_before_and_after():
+    task = get_task("sort")
+    records = [{"prompt": "sort: 3 1 2\n"}, {"prompt": "sort: 5 4\n"},
+               {"prompt": [{"role": "user", "content": "sort: 2 1"}]}]
+    rows, report = revise.revision_rows(
+        records, originals=["3 1 2", "4 5 ", "1 2"], critiques=["unsorted", "fine", "ok"],
+        revisions=["1 2 3", "4 5", ""], principles=["p1", "p2", "p3"], task=task)
+    assert [r["completion"] for r in rows] == ["1 2 3", "4 5"]
+    before = task.gold_reward(["sort: 3 1 2\n", "sort: 5 4\n"], ["3 1 2", "4 5 "])
+    after = task.gold_reward(["sort: 3 1 2\n", "sort: 5 4\n"], ["1 2 3", "4 5"])
+    assert report == {"revise/prompts": 3, "revise/rows": 2, "revise/empty_revisions": 1,
+                      "revise/unchanged": 1, "gold/original": pytest.approx(before.mean()),
+                      "gold/revision": pytest.approx(after.mean()),
+                      "gold/revision_better": np.mean(after > before),
+                      "gold/revision_worse": np.mean(after < before)}
+    assert [r["gold_original"] for r in rows] == pytest.approx(list(before))
+    assert rows[0]["critique"] == "unsorted" and rows[0]["original"] == "3 1 2"
+    assert revise.clean_revision("  1 2 3\nThis is sorted.", True) == "1 2 3"
+    assert revise.clean_revision("  a\nb ", False) == "a\nb"
+
+
+def test_revise_templates_missing_a_field_are_named():
+    config = _cai_test_config("critique,test")
+    config.revise.revision_template = "Principle: {principle} Task: {prompt} Answer: {completion}"
+    with pytest.raises(ValueError, match=r"config.revise.revision_template has no \{critique\}"):
+        revise.spec(config)
+    config.revise.revision_template = ""
+    config.revise.critic_temperature = 0.0
+    with pytest.raises(ValueError, match="config.revise.critic_temperature must be > 0"):
+        revise.spec(config)
