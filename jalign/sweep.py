@@ -128,7 +128,7 @@ def format_gains(gains: dict[str, Any]) -> str:
     lines = []
     for stage, metrics in gains.items():
         for m, g in metrics.items():
-            lines.append(f"{stage:<10}{m:<22} gain over its start {g['gain']['mean']:+.3f} ± "
+            lines.append(f"{stage:<10} {m:<21} gain over its start {g['gain']['mean']:+.3f} ± "
                          f"{g['gain']['half_width']:.3f}, above {WIN_SES:g} standard errors "
                          f"on {g['wins']}/{g['num_seeds']} seeds "
                          f"(per seed: {', '.join(f'{v:+.3f}' for v in g['gain']['values'])})")
