@@ -192,3 +192,45 @@ for q, a, b in zip(QUESTIONS, before, after):
     print(f"Q: {q}\n  before ({len(a.split())} words): {a}\n  after  ({len(b.split())} words): {b}\n")
 print("mean words before:", np.mean([len(a.split()) for a in before]),
       "after:", np.mean([len(b.split()) for b in after]))
+
+# %% [markdown]
+# ## The same model as a judge, with a constitution
+#
+# `jalign.judges` turns any loadable model into a judge: a prompt template, a
+# constitution file of principles (one a line), and single-token answer labels whose
+# next-token log-probs are the verdict (nothing is sampled). Pairwise, each pair is
+# shown in both orders and the two verdicts averaged, so p(x > y) = 1 - p(y > x) by
+# construction and the judge's position bias cancels; `first_prob` shows how strong
+# that bias was. Here the model judges its own answers, before DPO against after
+# (a 135M judge is close to chance on real comparisons: see benchmarks/RESULTS.md,
+# "AI feedback"). `--config.rl.reward_sources=judge` uses a pointwise judge as an RL
+# reward; the `label` and `revise` pipeline stages use it for RLAIF and Constitutional
+# AI (configs/cai_tiny.py).
+
+# %%
+from jalign import judges
+
+constitution = os.path.join(root, "configs", "constitutions", "helpful_concise.txt")
+print(open(constitution).read())
+judge_config = base_config().judge
+judge_config.path = model_dir
+judge_config.constitution = constitution
+judge_config.max_length = 512
+judge = judges.load_judge(judges.judge_spec(judge_config))
+principles = judges.sample_principles(judge.spec.principles, len(QUESTIONS), seed=0)
+verdict = judge.pairwise(QUESTIONS, after, before, principles)
+swapped = judge.pairwise(QUESTIONS, before, after, principles)
+for q, p, c in zip(QUESTIONS, verdict["prob"], principles):
+    print(f"p(after > before) = {p:.3f}  [{c}]  {q}")
+print("symmetric:", np.allclose(verdict["prob"] + swapped["prob"], 1.0),
+      " P(first label) before symmetrising:", np.round(verdict["first_prob"], 3))
+# Pointwise: an expected rating over single-token labels "1".."5", averaged over the
+# constitution's principles (labels "Yes,No" give P(Yes) where each is one token).
+judge_config.kind = "pointwise"
+judge_config.labels = "1,2,3,4,5"
+judge_config.template = ("Principle: {principle}\n\nTask: {prompt}\nAnswer: {completion}\n\n"
+                         "Rate how well the answer follows the principle, from 1 (not at all) "
+                         "to 5 (fully). Reply with one digit.")
+rater = judges.load_judge(judges.judge_spec(judge_config))
+print("expected rating before DPO:", np.round(rater.pointwise(QUESTIONS, before), 2))
+print("expected rating after DPO: ", np.round(rater.pointwise(QUESTIONS, after), 2))
