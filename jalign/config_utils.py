@@ -2,11 +2,14 @@
 
 `base_config()` returns a locked ml_collections.ConfigDict holding every key jalign
 reads, with defaults. Config files and --config.key=value flags can only change
-existing keys, so a typo fails at once, naming the key.
+existing keys, so a typo fails at once, naming the key. A pipeline stage's overrides
+(`--config.pipeline.STAGE.KEY=VALUE`) may set any key of the whole config
+(`split_stage_overrides`, `apply_stage_overrides`).
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import difflib
 from collections.abc import Sequence
@@ -307,3 +310,65 @@ def resolve_start(config: ml_collections.ConfigDict):
             out.data.tokenizer = source.tokenizer
     ModelConfig.from_mapping(out.model)
     return out, source
+
+
+_STAGE_FLAG = "--config.pipeline."
+def split_stage_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str], str, str]]]:
+    """Splits `--config.pipeline.STAGE.KEY...=VALUE` flags off argv: a stage's overrides
+    hold only the keys its config file sets, so ml_collections' own flag parser cannot set
+    another (it fails with a bare KeyError). Returns (the other args, [(STAGE, [KEY, ...],
+    VALUE, the flag)])."""
+    rest, overrides = [], []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        parts = name[len(_STAGE_FLAG):].split(".") if name.startswith(_STAGE_FLAG) else []
+        if eq and len(parts) >= 2 and all(parts):
+            overrides.append((parts[0], parts[1:], value, arg))
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def _typed(raw: str, like, flag: str):
+    """`raw` parsed as the type of `like` (the whole config's value at the same key)."""
+    if isinstance(like, str):
+        return raw
+    if isinstance(like, bool):
+        if raw.lower() in ("true", "1"):
+            return True
+        if raw.lower() in ("false", "0"):
+            return False
+        raise ValueError(f"{flag}: expected true or false, got {raw!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if isinstance(like, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if like is not None and not isinstance(value, type(like)):
+        raise ValueError(f"{flag}: expected a {type(like).__name__} (as the config's value "
+                         f"{like!r}), got {raw!r}")
+    return value
+
+
+def apply_stage_overrides(config: ml_collections.ConfigDict, overrides) -> None:
+    """Sets each `--config.pipeline.STAGE.KEY...=VALUE` in `config.pipeline.STAGE`, creating
+    the stage's dict and its sections where the config file did not; the value takes the
+    type of the same key in the whole config (`config.KEY...`), which must exist."""
+    for stage, keys, raw, flag in overrides:
+        like = config
+        for i, key in enumerate(keys):
+            if not isinstance(like, ml_collections.ConfigDict) or key not in like:
+                raise ValueError(f"{flag}: the config has no key config.{'.'.join(keys[:i + 1])}, "
+                                 f"so a pipeline stage cannot override it")
+            like = like[key]
+        if isinstance(like, ml_collections.ConfigDict):
+            raise ValueError(f"{flag}: config.{'.'.join(keys)} is a section; set one of its keys")
+        with config.unlocked():
+            node = config.pipeline
+            for key in [stage, *keys[:-1]]:
+                if key not in node:
+                    node[key] = ml_collections.ConfigDict()
+                node = node[key]
+            existing = node.get(keys[-1], like)
+            node[keys[-1]] = _typed(raw, existing if existing is not None else like, flag)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jalign import sharding as shd
-from tests.train_helpers import ROOT, read_metrics, run_train
+from tests.train_helpers import ROOT, parse_config, read_metrics, run_train
 
 
 def test_quickstart_test_variant_writes_outputs(tmp_path):
@@ -45,6 +45,38 @@ def test_config_typo_is_named(tmp_path):
     proc = run_train(str(tmp_path / "w"), "--config.train.num_stesp=3", check=False)
     assert proc.returncode != 0
     assert "num_stesp" in proc.stderr
+
+
+def test_a_pipeline_stage_flag_may_set_any_key_of_the_config():
+    # configs/distill_tiny.py's `distill` stage overrides only init_from, train and
+    # optimizer: the flags add a section, a nested section and a key beside existing ones,
+    # each typed like the whole config's key.
+    config = parse_config("--config.pipeline.distill.distill.beta=0",
+                          "--config.pipeline.distill.rl.num_iterations=2",
+                          "--config.pipeline.distill.train.log_every=5",
+                          "--config.pipeline.teacher.data.demo_quality=1",
+                          "--config.pipeline.stages=teacher=sft,distill",
+                          config="configs/distill_tiny.py:test")
+    stage = config.pipeline.distill
+    assert stage.distill.to_dict() == {"beta": 0.0} and isinstance(stage.distill.beta, float)
+    assert stage.rl.num_iterations == 2
+    assert stage.train.log_every == 5 and stage.train.num_steps == 3  # the file's value kept
+    assert config.pipeline.teacher.data.demo_quality == 1.0
+    assert config.distill.beta == 0.5  # the other stages keep the whole config's value
+    from jalign import pipeline
+    assert pipeline.stage_config(config, "distill", "").distill.beta == 0.0
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.pipeline.distill.distill.betaa=0", "no key config.distill.betaa"),
+    ("--config.pipeline.distill.distill.beta=abc", "expected a float"),
+    ("--config.pipeline.distill.distill=0", "config.distill is a section"),
+    ("--config.pipeline.distill.train.eval_at_start=maybe", "expected true or false"),
+])
+def test_a_bad_pipeline_stage_flag_is_named(flag, message):
+    with pytest.raises(ValueError, match=message) as e:
+        parse_config(flag, config="configs/distill_tiny.py:test")
+    assert flag in str(e.value)
 
 
 def test_checkpoint_of_another_model_shape_is_named(tmp_path):
@@ -146,6 +178,8 @@ def test_persistent_nan_is_skipped_then_stops_the_run(tmp_path, monkeypatch):
      "tests/bad_inputs/sft_malformed_json.jsonl:2: line is not valid JSON"),
     (("--config.dpo.loss_type=sigmiod", "--config.algo=dpo"),
      "config.dpo.loss_type 'sigmiod' is not known"),
+    (("--config.trian.num_steps=3",), 'Did you mean "train"'),
+    (("--config.pipeline.sft.train.num_stepz=3",), "no key config.train.num_stepz"),
 ])
 def test_a_data_or_config_error_ends_the_cli_with_one_line(tmp_path, overrides, where):
     proc = run_train(str(tmp_path / "w"), *overrides, check=False)

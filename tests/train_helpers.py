@@ -48,11 +48,15 @@ def parse_config(*overrides, config=QUICKSTART_SFT):
     Parsed by the same absl/ml_collections flags as the command line, so a bad
     override fails here exactly as it fails there.
     """
+    from jalign import config_utils
+
     argv = ["jalign.train", f"--config={os.path.join(ROOT, config)}", *overrides]
+    argv, stage_overrides = config_utils.split_stage_overrides(argv)
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values,
                                     lock_config=True, sys_argv=argv)
     flag_values(argv)
+    config_utils.apply_stage_overrides(flag_values.config, stage_overrides)
     return flag_values.config
 
 
