@@ -250,9 +250,9 @@ def test_distill_tiny_test_config_runs_end_to_end(tmp_path):
         summary = json.load(f)
     assert list(summary["stages"]) == ["teacher", "distill"]
     with open(os.path.join(workdir, "distill", "model_config.json")) as f:
-        assert json.load(f)["hidden_size"] == 48
+        assert json.load(f)["hidden_size"] == 64  # the config's STUDENT_MODEL
     with open(os.path.join(workdir, "teacher", "model_config.json")) as f:
-        assert json.load(f)["hidden_size"] == 128
+        assert json.load(f)["hidden_size"] == 128  # TEACHER_MODEL
     metrics = read_metrics(os.path.join(workdir, "distill"))
     assert {"loss", "grad_norm", "num_tokens", "distill/on_policy"} <= set(metrics[3])
     assert "gold_reward/greedy" in summary["stages"]["distill"]["final"]
