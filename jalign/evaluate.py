@@ -68,7 +68,8 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
     sum_t [log pi(y_t) - log pi_ref(y_t)] (a k1 estimate of KL(pi || pi_ref) per
     sequence). With `win_rate` and `ref_params`, the reference's sampled completions (the
     same uniforms) are scored too and `jalign.winrate.win_rates` of the first score
-    (winrate/raw, winrate/length_controlled, ...) compares the two, by prompt.
+    (winrate/raw, winrate/length_controlled, ...) compares the two, by prompt (over the
+    prompts both completions have a finite score for).
     """
     if score_fn is None:
         def score_fn(indices, completions, lengths):
@@ -120,6 +121,10 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
         out["kl/ref"] = float(np.concatenate(kls).mean())
     if ref_scores:
         name = next(k for k in scores if k.endswith("/sampled"))
-        out.update(win_rates(preferences(np.concatenate(scores[name]), np.concatenate(ref_scores)),
-                             np.concatenate(lengths), np.concatenate(ref_lengths)))
+        ours, theirs = np.concatenate(scores[name]), np.concatenate(ref_scores)
+        scored = np.isfinite(ours) & np.isfinite(theirs)  # NaN: a prompt a score skips
+        if scored.any():
+            out.update(win_rates(preferences(ours[scored], theirs[scored]),
+                                 np.concatenate(lengths)[scored],
+                                 np.concatenate(ref_lengths)[scored]))
     return out

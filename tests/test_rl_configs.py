@@ -14,6 +14,7 @@ from tests.train_helpers import load_config, use_prompt_files
 @pytest.mark.parametrize("name", ["grpo_tiny", "rloo_tiny", "ppo_tiny", "online_dpo_tiny"])
 def test_test_variant_trains_from_jsonl_prompts_and_writes_summary(name, tmp_path):
     config = use_prompt_files(load_config(name, "test"), tmp_path)
+    config.eval.win_rate = True
     summary = run(config, str(tmp_path / "run"))
     assert json.load(open(tmp_path / "run" / "summary.json")) == json.loads(json.dumps(summary))
     assert summary["algo"] == config.algo
@@ -21,6 +22,12 @@ def test_test_variant_trains_from_jsonl_prompts_and_writes_summary(name, tmp_pat
     for key in ("reward/greedy", "rewards/math_answer/greedy", "rewards/digit_fraction/sampled",
                 "rewards/soft_overlong/sampled", "kl/ref"):
         assert np.isfinite(summary["final"][key]), key
+    # Win rate against the start policy by the reward functions' total (no task here): at
+    # step 0 both sample the same completions with the same uniforms, so every prompt ties.
+    assert summary["initial"]["winrate/raw"] == 0.5
+    assert summary["initial"]["winrate/length_controlled"] == pytest.approx(0.5, abs=1e-9)
+    assert 0.0 <= summary["final"]["winrate/raw"] <= 1.0
+    assert np.isfinite(summary["final"]["winrate/length_coef"])
     metrics = summary["final_metrics"]
     for key in ("reward", "rewards/math_answer/mean", "rewards/digit_fraction/std"):
         assert np.isfinite(metrics[key]), key

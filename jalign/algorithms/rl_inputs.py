@@ -147,7 +147,9 @@ def reward_ensemble_fn(paths, model_cfg, tokenizer, max_length: int, *, combine:
 def rl_evaluator(config, model_cfg: ModelConfig, spec: RlSpec, inputs: RlInputs):
     """(params, start_params) -> held-out metrics: the task's gold reward (as every
     algorithm reports it) and, unless "gold" is the only source, each reward function's
-    mean over greedy and sampled completions (reward/greedy, rewards/NAME/greedy, ...)."""
+    mean over greedy and sampled completions (reward/greedy, rewards/NAME/greedy, ...);
+    with config.eval.win_rate (single-turn only), the win rates against the start policy
+    by the gold reward, or by the reward functions' total where there is no task."""
     held = inputs.eval_records
     if not held:
         return None
@@ -175,7 +177,8 @@ def rl_evaluator(config, model_cfg: ModelConfig, spec: RlSpec, inputs: RlInputs)
                                prompt_ids=[r[PROMPT_IDS_KEY] for r in held],
                                max_new_tokens=config.eval.max_new_tokens, seed=config.seed,
                                ref_params=start_params, batch_size=config.eval.batch_size,
-                               temperature=config.eval.temperature)
+                               temperature=config.eval.temperature,
+                               win_rate=bool(config.eval.get("win_rate", False)))
     return evaluate
 
 
