@@ -208,8 +208,10 @@ def base_config() -> ml_collections.ConfigDict:
         # (e.g. DPO on pairs a judge labelled on that task's prompts)
         task="",
         # also the win rate of the sampled completions against the starting model's, raw and
-        # length-controlled (jalign.winrate), by the first score (the gold reward)
-        win_rate=False))
+        # length-controlled (jalign.winrate), by the first score (the gold reward) or by the
+        # scores win_rate_by names (a comma list, e.g. "gold_reward,rewards/model" in RL:
+        # winrate/... by the first, winrate/NAME/... by each further one)
+        win_rate=False, win_rate_by=""))
     # Multi-stage runs (jalign.pipeline): stages="sft,reward,dpo" and per-stage
     # overrides in the config's own shape, e.g. pipeline.dpo.train.num_steps.
     c.pipeline = ml_collections.ConfigDict({"stages": ""})

@@ -52,7 +52,8 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
                     batch_size: int = 64, temperature: float = 1.0,
                     score_fn: Callable | None = None,
                     prompt_ids: Sequence[Sequence[int]] | None = None,
-                    win_rate: bool = False) -> dict[str, float]:
+                    win_rate: bool = False,
+                    win_rate_by: Sequence[str] = ()) -> dict[str, float]:
     """Greedy and sampled completions on held-out prompts, scored.
 
     Scores: `score_fn(indices, completions, lengths) -> {name: scores [n]}` (NaN =
@@ -69,7 +70,9 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
     sequence). With `win_rate` and `ref_params`, the reference's sampled completions (the
     same uniforms) are scored too and `jalign.winrate.win_rates` of the first score
     (winrate/raw, winrate/length_controlled, ...) compares the two, by prompt (over the
-    prompts both completions have a finite score for).
+    prompts both completions have a finite score for). `win_rate_by` names the scores to
+    compare by (default: the first); the first gives winrate/..., each further NAME
+    winrate/NAME/... (e.g. the gold reward and a length-biased reward model side by side).
     """
     if score_fn is None:
         def score_fn(indices, completions, lengths):
@@ -79,7 +82,8 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         prompt_ids = [bos + tokenizer.encode(p) for p in prompts]
     scores: dict[str, list] = {}
-    lengths, kls, ref_lengths, ref_scores = [], [], [], []
+    lengths, kls, ref_lengths = [], [], []
+    ref_scores: dict[str, list] = {}
     rng = jax.random.PRNGKey(seed)
     for start in range(0, len(prompts), batch_size):
         indices = list(range(start, min(start + batch_size, len(prompts))))
@@ -112,19 +116,25 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
                                            temperature=temperature, **kwargs)
             texts = decode_completions(tokenizer, r_tokens[:, width:], r_mask)[:n]
             r_lengths = np.asarray(r_mask).sum(-1)[:n]
-            first = next(iter(score_fn(indices, texts, r_lengths).values()))
-            ref_scores.append(np.asarray(first, np.float64))
+            ref = score_fn(indices, texts, r_lengths)
+            names = list(win_rate_by) or [next(iter(ref))]
+            unknown = [name for name in names if name not in ref]
+            if unknown:
+                raise ValueError(f"config.eval.win_rate_by names {unknown[0]!r}, which this "
+                                 f"evaluation does not score; valid: {sorted(ref)}")
+            for name in names:
+                ref_scores.setdefault(name, []).append(np.asarray(ref[name], np.float64))
             ref_lengths.append(r_lengths)
     out = summarize_scores(scores)
     out["completions/mean_length"] = float(np.concatenate(lengths).mean())
     if kls:
         out["kl/ref"] = float(np.concatenate(kls).mean())
-    if ref_scores:
-        name = next(k for k in scores if k.endswith("/sampled"))
-        ours, theirs = np.concatenate(scores[name]), np.concatenate(ref_scores)
+    for i, (name, theirs) in enumerate(ref_scores.items()):
+        ours, theirs = np.concatenate(scores[f"{name}/sampled"]), np.concatenate(theirs)
         scored = np.isfinite(ours) & np.isfinite(theirs)  # NaN: a prompt a score skips
         if scored.any():
-            out.update(win_rates(preferences(ours[scored], theirs[scored]),
-                                 np.concatenate(lengths)[scored],
-                                 np.concatenate(ref_lengths)[scored]))
+            rates = win_rates(preferences(ours[scored], theirs[scored]),
+                              np.concatenate(lengths)[scored], np.concatenate(ref_lengths)[scored])
+            prefix = "winrate/" if i == 0 else f"winrate/{name}/"
+            out.update({prefix + key.removeprefix("winrate/"): v for key, v in rates.items()})
     return out

@@ -15,6 +15,7 @@ from tests.train_helpers import load_config, use_prompt_files
 def test_test_variant_trains_from_jsonl_prompts_and_writes_summary(name, tmp_path):
     config = use_prompt_files(load_config(name, "test"), tmp_path)
     config.eval.win_rate = True
+    config.eval.win_rate_by = "reward,rewards/digit_fraction"
     summary = run(config, str(tmp_path / "run"))
     assert json.load(open(tmp_path / "run" / "summary.json")) == json.loads(json.dumps(summary))
     assert summary["algo"] == config.algo
@@ -26,8 +27,10 @@ def test_test_variant_trains_from_jsonl_prompts_and_writes_summary(name, tmp_pat
     # step 0 both sample the same completions with the same uniforms, so every prompt ties.
     assert summary["initial"]["winrate/raw"] == 0.5
     assert summary["initial"]["winrate/length_controlled"] == pytest.approx(0.5, abs=1e-9)
-    assert 0.0 <= summary["final"]["winrate/raw"] <= 1.0
-    assert np.isfinite(summary["final"]["winrate/length_coef"])
+    assert summary["initial"]["winrate/rewards/digit_fraction/raw"] == 0.5
+    for prefix in ("winrate/", "winrate/rewards/digit_fraction/"):
+        assert 0.0 <= summary["final"][prefix + "raw"] <= 1.0
+        assert np.isfinite(summary["final"][prefix + "length_coef"])
     metrics = summary["final_metrics"]
     for key in ("reward", "rewards/math_answer/mean", "rewards/digit_fraction/std"):
         assert np.isfinite(metrics[key]), key
@@ -41,6 +44,14 @@ def test_test_variant_trains_from_jsonl_prompts_and_writes_summary(name, tmp_pat
     if name == "ppo_tiny":
         for key in ("objective/kl", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg"):
             assert np.isfinite(metrics[key]), key
+
+
+def test_a_win_rate_score_the_eval_does_not_have_is_named(tmp_path):
+    config = use_prompt_files(load_config("grpo_tiny", "test"), tmp_path)
+    config.eval.win_rate = True
+    config.eval.win_rate_by = "rewards/no_such_function"
+    with pytest.raises(ValueError, match="config.eval.win_rate_by names 'rewards/no_such_"):
+        run(config, str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("name", ["grpo_tiny", "rloo_tiny", "ppo_tiny", "online_dpo_tiny"])

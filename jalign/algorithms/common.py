@@ -39,6 +39,12 @@ def check_vocab(model_cfg: ModelConfig, tokenizer) -> None:
                          f"tokenizer's vocabulary ({tokenizer.vocab_size})")
 
 
+def win_rate_names(config) -> list[str]:
+    """config.eval.win_rate_by as a list of score names ([] = the evaluation's first)."""
+    return [n.strip() for n in str(config.eval.get("win_rate_by", "") or "").split(",")
+            if n.strip()]
+
+
 def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
     """Held-out gold reward, KL to the starting policy and completion length on a task
     (`task`, or for file data the built-in task config.eval.task names, if any)."""
@@ -59,7 +65,8 @@ def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
                                ref_params=start_params,
                                batch_size=config.eval.batch_size,
                                temperature=config.eval.temperature,
-                               win_rate=bool(config.eval.get("win_rate", False)))
+                               win_rate=bool(config.eval.get("win_rate", False)),
+                               win_rate_by=win_rate_names(config))
     return evaluate
 
 

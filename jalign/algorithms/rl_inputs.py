@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jalign.algorithms.common import (check_vocab, load_tokenizer, report_skips,
-                                      report_truncation)
+                                      report_truncation, win_rate_names)
 from jalign.algorithms.episodes import episode_evaluator
 from jalign.algorithms.reward_sources import (CombinedReward, build_sources, check_columns,
                                               combine_ensemble, judge_reward, task_gold_reward)
@@ -178,7 +178,8 @@ def rl_evaluator(config, model_cfg: ModelConfig, spec: RlSpec, inputs: RlInputs)
                                max_new_tokens=config.eval.max_new_tokens, seed=config.seed,
                                ref_params=start_params, batch_size=config.eval.batch_size,
                                temperature=config.eval.temperature,
-                               win_rate=bool(config.eval.get("win_rate", False)))
+                               win_rate=bool(config.eval.get("win_rate", False)),
+                               win_rate_by=win_rate_names(config))
     return evaluate
 
 
