@@ -42,14 +42,21 @@ KEYS = (("gold win", "winrate/raw"), ("gold LC", "winrate/length_controlled"),
         ("proxy", "rewards/model/sampled"))
 
 
-def run_seed(workdir: str, seed: int, sizes: overopt.Sizes, length_bias: float) -> list[dict]:
+def sft_and_proxy(workdir: str, seed: int, sizes: overopt.Sizes,
+                  length_bias: float) -> tuple[str, str]:
+    """The SFT model and the length-biased proxy of one seed (trained once, then reused):
+    their final_params paths."""
     overopt.train(overopt.sft_config(sizes, seed), os.path.join(workdir, "sft"))
     sft_params = os.path.join(workdir, "sft", "final_params")
     reward = overopt.reward_config(sizes, seed * 100, sft_params, length_bias=length_bias,
                                    label_noise=0.0)
     overopt.train(reward, os.path.join(workdir, "reward"))
-    config = overopt.grpo_config(sizes, seed, sft_params,
-                                 os.path.join(workdir, "reward", "final_params"))
+    return sft_params, os.path.join(workdir, "reward", "final_params")
+
+
+def run_seed(workdir: str, seed: int, sizes: overopt.Sizes, length_bias: float) -> list[dict]:
+    sft_params, proxy_params = sft_and_proxy(workdir, seed, sizes, length_bias)
+    config = overopt.grpo_config(sizes, seed, sft_params, proxy_params)
     config.eval.num_prompts = config.eval.batch_size = 256  # win rates over 256 prompts
     config.eval.win_rate = True
     config.eval.win_rate_by = "gold_reward,rewards/model"
@@ -59,11 +66,7 @@ def run_seed(workdir: str, seed: int, sizes: overopt.Sizes, length_bias: float) 
 
 def run_dpo_seed(workdir: str, seed: int, sizes: overopt.Sizes, length_bias: float,
                  steps: int) -> list[dict]:
-    overopt.train(overopt.sft_config(sizes, seed), os.path.join(workdir, "sft"))
-    sft_params = os.path.join(workdir, "sft", "final_params")
-    reward = overopt.reward_config(sizes, seed * 100, sft_params, length_bias=length_bias,
-                                   label_noise=0.0)
-    overopt.train(reward, os.path.join(workdir, "reward"))
+    sft_params, proxy_params = sft_and_proxy(workdir, seed, sizes, length_bias)
     config = overopt.task_config("dpo", steps, sizes, seed * 100)  # the proxy's pairs
     config.init_from = sft_params
     config.data.length_bias = length_bias   # the proxy's training labels
@@ -77,8 +80,7 @@ def run_dpo_seed(workdir: str, seed: int, sizes: overopt.Sizes, length_bias: flo
     config.init_from = sft_params
     start, _, _ = load_policy(config)
     task = get_task(config.data.task)
-    proxy = reward_ensemble_fn([os.path.join(workdir, "reward", "final_params")], model_cfg,
-                               tokenizer, config.data.max_length)
+    proxy = reward_ensemble_fn([proxy_params], model_cfg, tokenizer, config.data.max_length)
     prompts = task.prompts(256, seed=seed + 1, split="eval")
 
     def score_fn(indices, completions, lengths):
@@ -122,8 +124,8 @@ def main():
         print(f"  {name:>9}: {values.mean():.3f} ± {spread:.3f}   per seed "
               f"{np.round(values, 3).tolist()}")
     with open(os.path.join(args.workdir, f"winrate_length_bias_{args.algo}.json"), "w") as f:
-        json.dump({"algo": args.algo, "length_bias": args.length_bias, "sizes": dataclasses.asdict(sizes),
-                   "finals": finals}, f, indent=2)
+        json.dump({"algo": args.algo, "length_bias": args.length_bias,
+                   "sizes": dataclasses.asdict(sizes), "finals": finals}, f, indent=2)
 
 
 if __name__ == "__main__":

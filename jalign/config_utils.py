@@ -315,7 +315,10 @@ def resolve_start(config: ml_collections.ConfigDict):
 
 
 _STAGE_FLAG = "--config.pipeline."
-def split_stage_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str], str, str]]]:
+StageOverride = tuple[str, list[str], str, str]  # (STAGE, [KEY, ...], VALUE, the flag)
+
+
+def split_stage_overrides(argv: list[str]) -> tuple[list[str], list[StageOverride]]:
     """Splits `--config.pipeline.STAGE.KEY...=VALUE` flags off argv: a stage's overrides
     hold only the keys its config file sets, so ml_collections' own flag parser cannot set
     another (it fails with a bare KeyError). Returns (the other args, [(STAGE, [KEY, ...],

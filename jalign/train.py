@@ -35,7 +35,7 @@ flags.DEFINE_integer("seeds", 0, "Run the config with seeds 0..N-1 in WORKDIR/se
 flags.DEFINE_bool("debug", False, "Show the full Python traceback of a data or config error.")
 
 
-_stage_overrides: list[tuple[str, list[str], str, str]] = []
+_stage_overrides: list[config_utils.StageOverride] = []  # split off argv by _parse_flags
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
