@@ -19,6 +19,9 @@ Every rendered prompt of a batch goes through ONE jitted forward of the judge's 
 (left-padded, fixed widths); the last position's hidden state is projected onto the
 label tokens' unembedding columns only, plus one logsumexp over the vocabulary at that
 position (so the log-probs are the model's, and the labels' total mass is reported).
+Given the run's mesh (`load_judge(spec, mesh, rules)`, as the label and revise stages and
+the RL judge reward do), the weights are split over it by the policy's logical-axis rules
+and each batch over its batch axes; the forward runs under the mesh like a train step.
 
 References: Bai et al., "Constitutional AI", arXiv:2212.08073; Lee et al., "RLAIF",
 arXiv:2309.00267; Zheng et al., "Judging LLM-as-a-judge", arXiv:2306.05685.
@@ -35,9 +38,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jalign import sharding as shd
 from jalign.generate import left_pad
-from jalign.models import pretrained
+from jalign.models import hf, pretrained
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import Decoder, decoder_init_fn, unembedding
 from jalign.tokenizer import Tokenizer, builtin_tokenizer
@@ -158,10 +163,21 @@ label_logprobs = jax.jit(_label_logprobs_fn, static_argnums=1)
 class Judge:
     """A loaded judge: `pairwise(...)` or `pointwise(...)` on strings, batched."""
 
-    def __init__(self, spec: JudgeSpec, params: Any, model: ModelConfig, tokenizer: Tokenizer):
+    def __init__(self, spec: JudgeSpec, params: Any, model: ModelConfig, tokenizer: Tokenizer,
+                 mesh: Mesh | None = None, rules=None):
+        """`mesh`/`rules`: where `params` live (as `load_judge` placed them); each batch of
+        rendered prompts is then split over the mesh's batch axes (`jalign.sharding.
+        data_sharding`) and the forward runs under the mesh, as the policy's steps do."""
         self.spec, self.params, self.model, self.tokenizer = spec, params, model, tokenizer
         self.label_ids = label_token_ids(tokenizer, spec.labels, spec.path)
         self.truncated = 0  # rendered prompts longer than spec.max_length (their start was cut)
+        self.mesh, self.rules = mesh, shd.rules_from_config(rules)
+        self.batch_size = spec.batch_size
+        self.batch_sharding = None
+        if mesh is not None:
+            self.batch_sharding = shd.data_sharding(mesh, self.rules)
+            split = mesh.size // self.batch_sharding.shard_shape((mesh.size,))[0]
+            self.batch_size = -(-spec.batch_size // split) * split  # a multiple of the split
 
     def render(self, **fields: str) -> list[int]:
         return self.encode(self.spec.template.format(**fields))
@@ -180,7 +196,7 @@ class Judge:
     def label_logprobs(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """(log-probs [N, K] of the labels, log of their total mass [N]) after each row,
         in fixed-size batches (one compile per width)."""
-        size = self.spec.batch_size
+        size = self.batch_size
         logps, mass = [], []
         for start in range(0, len(rows), size):
             chunk = [list(r) for r in rows[start:start + size]]
@@ -189,8 +205,13 @@ class Judge:
             chunk += [chunk[-1]] * (size - n)
             width = min(-(-max(len(r) for r in chunk) // 64) * 64, self.spec.max_length)
             tokens, mask = left_pad(chunk, self.tokenizer.pad_id, width)
-            lp, m = label_logprobs(self.params, self.model, tokens, mask,
-                                   jnp.asarray(self.label_ids, jnp.int32))
+            label_ids = jnp.asarray(self.label_ids, jnp.int32)
+            if self.mesh is None:
+                lp, m = label_logprobs(self.params, self.model, tokens, mask, label_ids)
+            else:
+                tokens, mask = jax.device_put((tokens, mask), self.batch_sharding)
+                with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                    lp, m = label_logprobs(self.params, self.model, tokens, mask, label_ids)
             logps.append(np.asarray(lp)[:n])
             mass.append(np.asarray(m)[:n])
         return np.concatenate(logps), np.concatenate(mass)
@@ -241,8 +262,11 @@ def sample_principles(principles: Sequence[str], n: int, seed: int) -> list[str]
     return [principles[i] for i in rng.integers(0, len(principles), n)]
 
 
-def load_judge(spec: JudgeSpec) -> Judge:
-    """The judge's weights (frozen, on the default device), config and tokenizer."""
+def load_judge(spec: JudgeSpec, mesh: Mesh | None = None, rules=None) -> Judge:
+    """The judge's weights (frozen), config and tokenizer. With a `mesh` (the policy's,
+    `jalign.sharding.make_mesh(config.mesh)`) and `rules` (config.logical_axis_rules) the
+    weights are split over it exactly as a policy of the judge's architecture would be
+    (fsdp/tensor axes by the logical-axis rules); without, they sit on the first device."""
     try:
         source = pretrained.find(spec.path)
     except (FileNotFoundError, ValueError) as e:
@@ -254,15 +278,22 @@ def load_judge(spec: JudgeSpec) -> Judge:
                          "or a Hugging Face folder")
     model = dataclasses.replace(source.model, dtype=spec.dtype, param_dtype=spec.dtype,
                                 remat="none", lora_rank=0)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        nn.meta.unbox(jax.eval_shape(decoder_init_fn(model), jax.random.PRNGKey(0))))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+            nn.meta.unbox(jax.eval_shape(decoder_init_fn(model), jax.random.PRNGKey(0))))
+    else:
+        abstract = hf.abstract_params(model, mesh=mesh, rules=rules)
     tokenizer = Tokenizer.from_file(source.tokenizer) if source.tokenizer else builtin_tokenizer()
-    return Judge(spec, source.load(abstract), model, tokenizer)
+    return Judge(spec, source.load(abstract), model, tokenizer, mesh, rules)
 
 
 @functools.lru_cache(maxsize=2)
-def cached_judge(spec: JudgeSpec) -> Judge:
-    """`load_judge`, once per spec in a process (a pipeline's stages share it)."""
-    return load_judge(spec)
+def _cached_judge(spec: JudgeSpec, mesh: Mesh | None, rules) -> Judge:
+    return load_judge(spec, mesh, rules)
+
+
+def cached_judge(spec: JudgeSpec, mesh: Mesh | None = None, rules=None) -> Judge:
+    """`load_judge`, once per (spec, mesh, rules) in a process (a pipeline's stages share it)."""
+    return _cached_judge(spec, mesh, shd.rules_from_config(rules))

@@ -32,10 +32,12 @@ import jax
 import numpy as np
 
 from jalign import judges
+from jalign import sharding as shd
 from jalign.best_of_n import sample_best_of_n
 from jalign.config_utils import resolve_start
 from jalign.data import load_records
 from jalign.data.prompts import PROMPT_IDS_KEY, prepare_prompt_records
+from jalign.models import hf
 from jalign.models.config import ModelConfig
 from jalign.models.transformer import decoder_init_fn
 from jalign.tasks import get_task
@@ -82,17 +84,17 @@ def spec(config) -> LabelSpec:
                      float(label.temperature), int(label.batch_size), str(label.labeller), judge)
 
 
-def load_policy(config) -> tuple[Any, ModelConfig, Tokenizer]:
-    """The policy's params (frozen, one device), architecture and tokenizer."""
+def load_policy(config, mesh, rules) -> tuple[Any, ModelConfig, Tokenizer]:
+    """The policy's params (frozen; split over `mesh` by the logical-axis `rules`, as the
+    train steps split them), architecture and tokenizer."""
     config, source = resolve_start(config)
     model = ModelConfig.from_mapping(config.model)
-    init = decoder_init_fn(model)
+    abstract = hf.abstract_params(model, mesh=mesh, rules=rules)
     if source is None:
-        params = nn.meta.unbox(init(jax.random.PRNGKey(config.seed)))
+        init = jax.jit(lambda rng: nn.meta.unbox(decoder_init_fn(model)(rng)),
+                       out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
+        params = init(jax.random.PRNGKey(config.seed))
     else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                nn.meta.unbox(jax.eval_shape(init, jax.random.PRNGKey(0))))
         params = source.load(abstract)
     tokenizer = (Tokenizer.from_file(config.data.tokenizer) if config.data.tokenizer
                  else builtin_tokenizer())
@@ -154,8 +156,10 @@ def judge_report(prob, gold_x, gold_y, len_x, len_y, margin: float) -> dict[str,
 
 
 def label_pairs(spec_: LabelSpec, records: Sequence[Mapping], completions: Sequence[Sequence[str]],
-                task, *, seed: int, tokenizer) -> tuple[list[dict], dict[str, Any]]:
-    """(JSONL rows, report) for the sampled completions of `records` (see module docstring)."""
+                task, *, seed: int, tokenizer, mesh=None,
+                rules=None) -> tuple[list[dict], dict[str, Any]]:
+    """(JSONL rows, report) for the sampled completions of `records` (see module docstring);
+    the judge's weights are split over `mesh` (None: one device)."""
     prompts, xs, ys = [], [], []
     for record, samples in zip(records, completions):
         for i in range(0, len(samples) - 1, 2):
@@ -181,7 +185,7 @@ def label_pairs(spec_: LabelSpec, records: Sequence[Mapping], completions: Seque
         prob = 0.5 + 0.5 * np.sign(np.asarray(gold_x) - np.asarray(gold_y))
         margin = 0.25
     else:
-        judge = judges.cached_judge(spec_.judge)
+        judge = judges.cached_judge(spec_.judge, mesh, rules)
         principles = judges.sample_principles(spec_.judge.principles, len(xs), seed)
         out = judge.pairwise(texts, xs, ys, principles) if xs else {
             "prob": np.zeros(0), "first_prob": np.zeros(0), "label_mass": np.zeros(0)}
@@ -220,15 +224,20 @@ def run_label(config, workdir: str) -> dict[str, Any]:
         with open(summary_path) as f:
             return json.load(f)
     spec_ = spec(config)
-    params, model, tokenizer = load_policy(config)
+    # The policy and the judge are split over the run's mesh (config.mesh) as a train step
+    # would split them.
+    mesh = shd.make_mesh(config.mesh)
+    rules = shd.rules_from_config(config.get("logical_axis_rules"))
+    params, model, tokenizer = load_policy(config, mesh, rules)
     records, task = prompt_records(config, tokenizer, spec_.num_prompts)
-    samples = sample_best_of_n(
-        params, model, tokenizer, [r[PROMPT_IDS_KEY] for r in records],
-        lambda indices, texts, lengths: np.zeros(len(texts)), n=spec_.num_samples,
-        max_new_tokens=spec_.max_new_tokens, seed=config.seed,
-        temperature=spec_.temperature, batch_size=spec_.batch_size)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        samples = sample_best_of_n(
+            params, model, tokenizer, [r[PROMPT_IDS_KEY] for r in records],
+            lambda indices, texts, lengths: np.zeros(len(texts)), n=spec_.num_samples,
+            max_new_tokens=spec_.max_new_tokens, seed=config.seed,
+            temperature=spec_.temperature, batch_size=spec_.batch_size)
     rows, report = label_pairs(spec_, records, samples.completions, task, seed=config.seed,
-                               tokenizer=tokenizer)
+                               tokenizer=tokenizer, mesh=mesh, rules=rules)
     if not rows:
         raise ValueError(f"the label stage decided no pair of {report['label/sampled_pairs']} "
                          "sampled (identical completions or judge ties): sample more "

@@ -34,10 +34,12 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from jalign import judges
+from jalign import sharding as shd
 from jalign.best_of_n import sample_best_of_n
 from jalign.data.prompts import PROMPT_IDS_KEY
 from jalign.label import as_response, load_policy, prompt_records, shown_prompt
@@ -143,20 +145,13 @@ def revision_rows(records: Sequence[Mapping], originals: Sequence[str],
     return rows, report
 
 
-def run_revise(config, workdir: str) -> dict[str, Any]:
-    """Samples, critiques, revises and writes WORKDIR/revisions.jsonl (module docstring);
-    a finished stage (its summary file exists) is not redone. Returns the stage's summary."""
-    summary_path = os.path.join(workdir, SUMMARY_FILE)
-    if os.path.exists(summary_path) and os.path.exists(os.path.join(workdir, REVISIONS_FILE)):
-        with open(summary_path) as f:
-            return json.load(f)
-    spec_ = spec(config)
-    params, model, tokenizer = load_policy(config)
+def _revise(config, spec_, policy, critic):
+    """(revision rows, report, prompt records): sample, critique and revise."""
+    params, model, tokenizer = policy
     records, task = prompt_records(config, tokenizer, spec_.num_prompts)
     originals = _sample(params, model, tokenizer, [r[PROMPT_IDS_KEY] for r in records],
                         max_new_tokens=spec_.max_new_tokens, temperature=spec_.temperature,
                         seed=config.seed, batch_size=spec_.batch_size)
-    critic = judges.cached_judge(spec_.judge)
     principles = judges.sample_principles(spec_.judge.principles, len(records), config.seed)
     shown = [shown_prompt(r["prompt"]) for r in records]
     sample = dict(temperature=spec_.critic_temperature, batch_size=spec_.batch_size)
@@ -172,6 +167,24 @@ def run_revise(config, workdir: str) -> dict[str, Any]:
          for c, p, y, k in zip(principles, shown, originals, critiques)],
         max_new_tokens=spec_.revision_tokens, seed=config.seed + 2, **sample)]
     rows, report = revision_rows(records, originals, critiques, revisions, principles, task)
+    return rows, report, records
+
+
+def run_revise(config, workdir: str) -> dict[str, Any]:
+    """Samples, critiques, revises and writes WORKDIR/revisions.jsonl (module docstring);
+    a finished stage (its summary file exists) is not redone. Returns the stage's summary."""
+    summary_path = os.path.join(workdir, SUMMARY_FILE)
+    if os.path.exists(summary_path) and os.path.exists(os.path.join(workdir, REVISIONS_FILE)):
+        with open(summary_path) as f:
+            return json.load(f)
+    spec_ = spec(config)
+    # The policy and the feedback model are split over the run's mesh (config.mesh).
+    mesh = shd.make_mesh(config.mesh)
+    rules = shd.rules_from_config(config.get("logical_axis_rules"))
+    policy = load_policy(config, mesh, rules)
+    critic = judges.cached_judge(spec_.judge, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        rows, report, records = _revise(config, spec_, policy, critic)
     if not rows:
         raise ValueError(f"the revise stage's feedback model (config.judge.path="
                          f"{spec_.judge.path!r}) wrote no non-empty revision for "

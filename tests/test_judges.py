@@ -80,6 +80,27 @@ def test_label_logprobs_equal_a_plain_forward_pass(params):
                                atol=1e-6)
 
 
+def test_a_judge_on_a_mesh_is_split_like_a_policy_and_scores_as_on_one_device(params,
+                                                                            tmp_path):
+    from jalign import sharding as shd
+    from jalign.checkpoint import save_params
+    from jalign.models.pretrained import write_run_model
+    save_params(str(tmp_path / "final_params"), params)
+    write_run_model(str(tmp_path), MODEL, "")
+    spec = judges.judge_spec(_judge_config(path=str(tmp_path), kind="pointwise", labels="1,2,3",
+                                           batch_size=3))
+    mesh = shd.make_mesh({"data": 2, "fsdp": 4})
+    single, split = judges.load_judge(spec), judges.load_judge(spec, mesh)
+    embedding = split.params["embed"]
+    assert embedding.sharding.mesh == mesh and not embedding.sharding.is_fully_replicated
+    assert embedding.addressable_shards[0].data.size == embedding.size // 4  # fsdp = 4
+    assert split.batch_size == 8  # 3, rounded up to the data x fsdp split of the batch
+    rows = [split.render(principle="Be right.", prompt="sort: 3 1", completion="1 3" + " 1" * k)
+            for k in range(11)]
+    for a, b in zip(single.label_logprobs(rows), split.label_logprobs(rows)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_a_label_of_several_tokens_is_refused_naming_it_and_the_tokenizer(params):
     with pytest.raises(ValueError, match=r"judge label '10' is 2 tokens.*tokenizer of unused"):
         _judge(params, kind="pointwise", labels="1,5,10")
@@ -119,7 +140,7 @@ def test_cai_pipeline_stages_read_the_label_stage_output():
 def test_label_stage_jsonl_round_trips_through_the_preference_pipeline(params, tmp_path,
                                                                        monkeypatch):
     judge = _judge(params, margin=0.0)
-    monkeypatch.setattr(judges, "cached_judge", lambda spec: judge)
+    monkeypatch.setattr(judges, "cached_judge", lambda *args: judge)
     config = base_config()
     config.judge.update(dict(path="unused", constitution=CONSTITUTION, margin=0.0))
     config.label.num_samples = 4
@@ -149,7 +170,7 @@ def test_label_stage_jsonl_round_trips_through_the_preference_pipeline(params, t
 
 def test_judge_reward_source_scores_each_completion(params, monkeypatch):
     judge = _judge(params, kind="pointwise", labels="Y,N")  # one character each
-    monkeypatch.setattr(judges, "cached_judge", lambda spec: judge)
+    monkeypatch.setattr(judges, "cached_judge", lambda *args: judge)
     reward = build_sources(["judge"], [1.0], gold=None, reward_model=None,
                            judge=lambda: judge_reward(_judge_config(kind="pointwise",
                                                                     labels="Y,N")))

@@ -234,14 +234,15 @@ def task_gold_reward(task) -> Callable:
     return gold
 
 
-def judge_reward(judge_config) -> Callable:
+def judge_reward(judge_config, mesh=None, rules=None) -> Callable:
     """`config.judge` (kind "pointwise") as a reward function: each completion's judge
-    score, the mean over the constitution's principles (`jalign.judges.Judge.pointwise`)."""
+    score, the mean over the constitution's principles (`jalign.judges.Judge.pointwise`);
+    the judge's weights split over `mesh` (the policy's) by `rules`, None: one device."""
     spec = judges.judge_spec(judge_config)
     if spec.kind != "pointwise":
         raise ValueError("reward source 'judge' scores each completion alone: set "
                          f"config.judge.kind='pointwise' (it is {spec.kind!r})")
-    judge = judges.cached_judge(spec)
+    judge = judges.cached_judge(spec, mesh, rules)
 
     def judge_score(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         del columns

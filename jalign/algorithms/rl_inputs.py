@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jalign import sharding as shd
 from jalign.algorithms.common import (check_vocab, load_tokenizer, report_skips,
                                       report_truncation, win_rate_names)
 from jalign.algorithms.episodes import episode_evaluator
@@ -98,7 +99,9 @@ def rl_inputs(config, spec: RlSpec, model_cfg: ModelConfig) -> RlInputs:
                            gold=task_gold_reward(task) if task is not None else None,
                            reward_model=lambda: reward_model_fn(spec, model_cfg, tokenizer,
                                                                  data.max_length),
-                           judge=lambda: judge_reward(config.judge))
+                           judge=lambda: judge_reward(
+                               config.judge, shd.make_mesh(config.mesh),
+                               config.get("logical_axis_rules")))
     columns = list(reward_columns(train)) + (["conversation"] if spec.episodes else [])
     check_columns(reward.sources, columns, where)
     return RlInputs(tokenizer, task, train, held, reward, report, truncated)
