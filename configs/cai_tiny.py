@@ -62,7 +62,9 @@ def get_config(arg: str = ""):
     config.pipeline.label = ml_collections.ConfigDict()
     config.pipeline.dpo.data = ml_collections.ConfigDict({
         "source": "jsonl", "path": "stage:label/pairs.jsonl"})
-    config.pipeline.dpo.eval = ml_collections.ConfigDict({"task": "sort", "win_rate": True})
+    # Win rates against the SFT model by the gold reward and by the judge (pairwise).
+    config.pipeline.dpo.eval = ml_collections.ConfigDict(
+        {"task": "sort", "win_rate": True, "win_rate_by": "gold_reward,judge"})
     if "critique" in variants:
         config.pipeline.stages = "sft,revise,sl_cai=sft,label,dpo"
         config.revise.num_prompts = config.label.num_prompts

@@ -53,7 +53,8 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
                     score_fn: Callable | None = None,
                     prompt_ids: Sequence[Sequence[int]] | None = None,
                     win_rate: bool = False,
-                    win_rate_by: Sequence[str] = ()) -> dict[str, float]:
+                    win_rate_by: Sequence[str] = (),
+                    pairwise_fn: Callable | None = None) -> dict[str, float]:
     """Greedy and sampled completions on held-out prompts, scored.
 
     Scores: `score_fn(indices, completions, lengths) -> {name: scores [n]}` (NaN =
@@ -73,6 +74,10 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
     prompts both completions have a finite score for). `win_rate_by` names the scores to
     compare by (default: the first); the first gives winrate/..., each further NAME
     winrate/NAME/... (e.g. the gold reward and a length-biased reward model side by side).
+    `pairwise_fn(indices, policy_completions, reference_completions) -> {name: p [n]}`
+    adds scores that compare the two completions directly (a pairwise judge's
+    p(policy > reference), NaN = not compared); a `win_rate_by` name it gives uses p as
+    the (fractional) preference, as AlpacaEval's judge probabilities are used.
     """
     if score_fn is None:
         def score_fn(indices, completions, lengths):
@@ -84,6 +89,7 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
     scores: dict[str, list] = {}
     lengths, kls, ref_lengths = [], [], []
     ref_scores: dict[str, list] = {}
+    pairwise_names: set[str] = set()  # win_rate_by names pairwise_fn gives
     rng = jax.random.PRNGKey(seed)
     for start in range(0, len(prompts), batch_size):
         indices = list(range(start, min(start + batch_size, len(prompts))))
@@ -99,6 +105,7 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
                                     greedy=False, temperature=temperature, **kwargs)
         for mode, tokens, tmask in (("greedy", g_tokens, g_mask), ("sampled", s_tokens, s_mask)):
             texts = decode_completions(tokenizer, tokens[:, width:], tmask)[:n]
+            sampled_texts = texts
             for name, values in score_fn(indices, texts, np.asarray(tmask).sum(-1)[:n]).items():
                 scores.setdefault(f"{name}/{mode}", []).append(np.asarray(values, np.float64))
         lengths.append(np.asarray(s_mask).sum(-1)[:n])
@@ -118,6 +125,11 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
             r_lengths = np.asarray(r_mask).sum(-1)[:n]
             ref = score_fn(indices, texts, r_lengths)
             names = list(win_rate_by) or [next(iter(ref))]
+            direct = [n for n in names if n not in ref]
+            if direct and pairwise_fn is not None:
+                ref.update(pairwise_fn(indices, sampled_texts, texts))
+                direct = [n for n in direct if n in ref]
+                pairwise_names = set(direct)
             unknown = [name for name in names if name not in ref]
             if unknown:
                 raise ValueError(f"config.eval.win_rate_by names {unknown[0]!r}, which this "
@@ -130,11 +142,17 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
     if kls:
         out["kl/ref"] = float(np.concatenate(kls).mean())
     for i, (name, theirs) in enumerate(ref_scores.items()):
-        ours, theirs = np.concatenate(scores[f"{name}/sampled"]), np.concatenate(theirs)
-        scored = np.isfinite(ours) & np.isfinite(theirs)  # NaN: a prompt a score skips
+        theirs = np.concatenate(theirs)
+        if name in pairwise_names:  # p(policy > reference), the preference itself
+            prefs = theirs
+            scored = np.isfinite(prefs)
+        else:
+            ours = np.concatenate(scores[f"{name}/sampled"])
+            scored = np.isfinite(ours) & np.isfinite(theirs)  # NaN: a prompt a score skips
+            prefs = preferences(ours, theirs)
         if scored.any():
-            rates = win_rates(preferences(ours[scored], theirs[scored]),
-                              np.concatenate(lengths)[scored], np.concatenate(ref_lengths)[scored])
+            rates = win_rates(prefs[scored], np.concatenate(lengths)[scored],
+                              np.concatenate(ref_lengths)[scored])
             prefix = "winrate/" if i == 0 else f"winrate/{name}/"
             out.update({prefix + key.removeprefix("winrate/"): v for key, v in rates.items()})
     return out

@@ -41,3 +41,34 @@ def test_evaluate_policy_reports_the_sem_of_known_per_prompt_rewards():
                                np.std(greedy, ddof=1) / np.sqrt(10))
     np.testing.assert_allclose(out["gold_reward/sampled"], kept.mean())
     np.testing.assert_allclose(out["gold_reward/sampled_sem"], np.std(kept, ddof=1) / 3.0)
+
+
+def test_a_pairwise_score_is_the_preference_of_its_win_rate():
+    tokenizer = builtin_tokenizer()
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, intermediate_size=32)
+
+    def init(seed):
+        return nn.meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(seed),
+                                               jnp.zeros((1, 8), jnp.int32))["params"])
+    params, other = init(0), init(1)
+    prompts = [f"p{i}" for i in range(10)]
+    gold = lambda indices, completions, lengths: {"gold_reward": np.zeros(len(indices))}
+    common = dict(max_new_tokens=4, batch_size=4, score_fn=gold, win_rate=True)
+
+    def same(indices, ours, theirs):  # the reference is the policy: the same completions
+        assert list(ours) == list(theirs) and len(ours) == len(indices)
+        return {"judge": np.full(len(indices), 0.5)}
+    out = evaluate_policy(params, cfg, tokenizer, None, prompts, ref_params=params,
+                          win_rate_by=["gold_reward", "judge"], pairwise_fn=same, **common)
+    assert out["winrate/judge/raw"] == 0.5 and out["winrate/raw"] == 0.5
+
+    probs = np.random.default_rng(0).uniform(size=10)
+    probs[7] = np.nan  # not compared: left out
+    out = evaluate_policy(params, cfg, tokenizer, None, prompts, ref_params=other,
+                          win_rate_by=["judge", "gold_reward"],
+                          pairwise_fn=lambda indices, ours, theirs: {"judge": probs[indices]},
+                          **common)
+    np.testing.assert_allclose(out["winrate/raw"], np.nanmean(probs))  # first name: winrate/
+    assert 0.0 < out["winrate/length_controlled"] < 1.0
+    assert out["winrate/gold_reward/raw"] == 0.5  # all-zero gold: every prompt ties

@@ -183,6 +183,28 @@ def test_judge_reward_source_scores_each_completion(params, monkeypatch):
 
 
 @pytest.mark.slow
+def test_the_judge_win_rate_compares_policy_and_reference_with_the_pairwise_judge(
+        params, monkeypatch):
+    from jalign.algorithms.common import judge_win_rate_fn
+    judge = _judge(params)
+    monkeypatch.setattr(judges, "cached_judge", lambda *args: judge)
+    config = base_config()
+    config.judge.update(dict(path="unused", constitution=CONSTITUTION))
+    assert judge_win_rate_fn(config, ["sort: 2 1\n"]) is None  # not asked for
+    config.eval.win_rate_by = "gold_reward,judge"
+    prompts = ["sort: 2 1\n", "sort: 3 1 2\n", "sort: 5 4\n"]
+    compare = judge_win_rate_fn(config, prompts)
+    ours, theirs = ["1 2", "1 2 3", "5 4"], ["2 1", "1 2 3", "4 5"]
+    principles = judges.sample_principles(judge.spec.principles, 3, config.seed + 1)
+    want = judge.pairwise([p.strip() for p in prompts], ours, theirs, principles)["prob"]
+    got = compare([0, 1, 2], ours, theirs)["judge"]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got[1] == pytest.approx(0.5, abs=1e-6)  # the same answer: an even verdict
+    config.judge.kind = "pointwise"
+    with pytest.raises(ValueError, match="config.judge.kind must be 'pairwise'"):
+        judge_win_rate_fn(config, prompts)
+
+
 def test_cai_tiny_runs_sft_revise_sl_cai_label_dpo_end_to_end(tmp_path):
     """Constitutional AI in full at seconds-long sizes: the revise stage's JSONL is the
     SL-CAI stage's SFT data, and label and DPO start from the SL-CAI model."""
@@ -205,6 +227,7 @@ def test_cai_tiny_runs_sft_revise_sl_cai_label_dpo_end_to_end(tmp_path):
     assert len(rows) == out["stages"]["label"]["final_metrics"]["label/pairs_written"] > 0
     final = out["stages"]["dpo"]["final"]
     assert "gold_reward/greedy" in final and 0.0 <= final["winrate/length_controlled"] <= 1.0
+    assert 0.0 <= final["winrate/judge/raw"] <= 1.0  # by the pairwise judge (the SFT model)
     assert set(out["table"]) == {"base", "sft", "sl_cai", "dpo"}
 
 

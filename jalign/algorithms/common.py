@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from jalign import judges
+from jalign import sharding as shd
 from jalign.algorithms.episodes import episode_evaluator
 from jalign.evaluate import evaluate_policy
+from jalign.label import shown_prompt
 from jalign.models import pretrained
 from jalign.models.config import ModelConfig
 from jalign.tasks import get_task
@@ -45,6 +48,33 @@ def win_rate_names(config) -> list[str]:
             if n.strip()]
 
 
+def judge_win_rate_fn(config, prompts) -> Callable | None:
+    """With "judge" among config.eval.win_rate_by: a `pairwise_fn` for `evaluate_policy`
+    that has the pairwise judge of config.judge compare, per held-out prompt, the policy's
+    sampled completion with the reference's under a principle drawn per prompt, giving
+    {"judge": p(policy > reference)} (symmetric over the two orders, `Judge.pairwise`).
+    The judge is loaded here, split over the run's mesh (config.mesh) like the policy.
+    `prompts`: the held-out prompts as the judge reads them (text; a conversation's last
+    user turn)."""
+    if "judge" not in win_rate_names(config):
+        return None
+    spec = judges.judge_spec(config.judge)
+    if spec.kind != "pairwise":
+        raise ValueError("config.eval.win_rate_by names 'judge', which compares the policy's "
+                         "completion with the reference's: config.judge.kind must be "
+                         f"'pairwise', got {spec.kind!r}")
+    judge = judges.cached_judge(spec, shd.make_mesh(config.mesh),
+                                config.get("logical_axis_rules"))
+    shown = [shown_prompt(p) for p in prompts]
+    principles = judges.sample_principles(spec.principles, len(shown), config.seed + 1)
+
+    def compare(indices, ours, theirs):
+        out = judge.pairwise([shown[i] for i in indices], ours, theirs,
+                             [principles[i] for i in indices])
+        return {"judge": out["prob"]}
+    return compare
+
+
 def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
     """Held-out gold reward, KL to the starting policy and completion length on a task
     (`task`, or for file data the built-in task config.eval.task names, if any)."""
@@ -58,6 +88,7 @@ def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
         if evaluate is not None:
             return evaluate
     prompts = task.prompts(config.eval.num_prompts, seed=config.seed + 1, split="eval")
+    pairwise_fn = judge_win_rate_fn(config, prompts) if config.eval.get("win_rate") else None
 
     def evaluate(params, start_params):
         return evaluate_policy(params, model_cfg, tokenizer, task, prompts,
@@ -66,7 +97,7 @@ def task_evaluator(config, model_cfg: ModelConfig, tokenizer, task):
                                batch_size=config.eval.batch_size,
                                temperature=config.eval.temperature,
                                win_rate=bool(config.eval.get("win_rate", False)),
-                               win_rate_by=win_rate_names(config))
+                               win_rate_by=win_rate_names(config), pairwise_fn=pairwise_fn)
     return evaluate
 
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from jalign import sharding as shd
 from jalign.algorithms.common import (check_vocab, load_tokenizer, report_skips,
-                                      report_truncation, win_rate_names)
+                                      report_truncation, win_rate_names,
+                                      judge_win_rate_fn)
 from jalign.algorithms.episodes import episode_evaluator
 from jalign.algorithms.reward_sources import (CombinedReward, build_sources, check_columns,
                                               combine_ensemble, judge_reward, task_gold_reward)
@@ -174,6 +175,9 @@ def rl_evaluator(config, model_cfg: ModelConfig, spec: RlSpec, inputs: RlInputs)
             out.update({f"rewards/{name}": values for name, values in per_function.items()})
         return out
 
+    pairwise_fn = (judge_win_rate_fn(config, [r["prompt"] for r in held])
+                   if config.eval.get("win_rate") else None)
+
     def evaluate(params, start_params):
         return evaluate_policy(params, model_cfg, inputs.tokenizer, task,
                                [r["prompt"] for r in held], score_fn=score_fn,
@@ -182,7 +186,7 @@ def rl_evaluator(config, model_cfg: ModelConfig, spec: RlSpec, inputs: RlInputs)
                                ref_params=start_params, batch_size=config.eval.batch_size,
                                temperature=config.eval.temperature,
                                win_rate=bool(config.eval.get("win_rate", False)),
-                               win_rate_by=win_rate_names(config))
+                               win_rate_by=win_rate_names(config), pairwise_fn=pairwise_fn)
     return evaluate
 
 
