@@ -210,7 +210,8 @@ def base_config() -> ml_collections.ConfigDict:
         # also the win rate of the sampled completions against the starting model's, raw and
         # length-controlled (jalign.winrate), by the first score (the gold reward) or by the
         # scores win_rate_by names (a comma list, e.g. "gold_reward,rewards/model" in RL:
-        # winrate/... by the first, winrate/NAME/... by each further one)
+        # winrate/... by the first, winrate/NAME/... by each further one; "judge": the
+        # pairwise judge of config.judge compares the two completions directly)
         win_rate=False, win_rate_by=""))
     # Multi-stage runs (jalign.pipeline): stages="sft,reward,dpo" and per-stage
     # overrides in the config's own shape, e.g. pipeline.dpo.train.num_steps.
