@@ -132,6 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward = ml_collections.ConfigDict(dict(center_rewards_coefficient=0.01))
     c.rl = ml_collections.ConfigDict(dict(
         group_size=8,             # completions per prompt (GRPO group / RLOO k / online-DPO pool)
+        # sampling temperature; the update's log-probs (policy, old, reference) use it too
         max_new_tokens=16, temperature=1.0,
         # comma list of "gold" (a task's), "model" (config.rl.reward_model), a jalign.rewards
         # built-in ("math_answer", "think_answer_format", "soft_overlong:max=64,cache=16",

@@ -46,7 +46,8 @@ def _policy_gradient_batch_fn(model_cfg: ModelConfig, rl: RlSpec):
         metrics = {}
         rewards = scores_B
         if rl.kl_beta > 0:
-            ref_logps = shifted_logprobs(reference, model_cfg, batch)[0]
+            ref_logps = shifted_logprobs(reference, model_cfg, batch,
+                                         temperature=rl.temperature)[0]
             if rl.algo == "rloo":  # RLOO folds a k1 KL penalty into the sequence reward
                 kl = ((batch["old_logps"] - ref_logps) * batch["loss_mask"][:, 1:]).sum(-1)
                 metrics["objective/kl"] = kl.mean()
@@ -108,13 +109,15 @@ def grpo_setup(config, model_cfg, spec: RlSpec, workdir):
 
 def grpo_step(config, model_cfg, spec: RlSpec, optimizer):
     return make_policy_gradient_step(
-        decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl), optimizer,
+        decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl,
+                           temperature=spec.temperature), optimizer,
         loss_kwargs=spec.policy_loss, num_iterations=spec.num_iterations,
         num_minibatches=spec.num_minibatches)
 
 
 def online_dpo_step(config, model_cfg, spec: RlSpec, optimizer):
-    return make_dpo_step(decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl),
+    return make_dpo_step(decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl,
+                                            temperature=spec.temperature),
                          optimizer, loss_fn=spec.preference.loss_fn,
                          reference=spec.preference.reference)
 
@@ -130,7 +133,8 @@ def _ppo_batch_fn(model_cfg: ModelConfig, rl: RlSpec):
     """
     def finish(params, frozen, batch, scores_B):
         mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-        ref_logps = shifted_logprobs(frozen["reference"], model_cfg, batch)[0]
+        ref_logps = shifted_logprobs(frozen["reference"], model_cfg, batch,
+                                     temperature=rl.temperature)[0]
         old_values = token_values(params["critic"], model_cfg, batch)[:, :-1]
         kl_t = kl_estimate(batch["old_logps"], ref_logps, estimator=rl.kl_estimator) * mask
         coef = frozen["kl_coef"]
@@ -190,7 +194,8 @@ def ppo_setup(config, model_cfg: ModelConfig, rl: RlSpec, workdir: str) -> Algor
 
 def ppo_step(config, model_cfg, rl: RlSpec, optimizer):
     return make_ppo_step(
-        decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl, with_stats=True),
+        decoder_logprob_fn(model_cfg, logprob_impl=config.train.logprob_impl, with_stats=True,
+                           temperature=rl.temperature),
         decoder_value_fn(model_cfg), optimizer, clip_eps=rl.policy_loss["clip_eps_low"],
         dual_clip=rl.policy_loss["dual_clip"],
         value_clip=rl.value_clip, vf_coef=rl.vf_coef, entropy_coef=rl.entropy_coef,

@@ -35,7 +35,7 @@ from jalign.state import TrainState
 
 def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.Array], *,
                      logprob_impl: str = "auto", with_stats: bool = False,
-                     dropout_rng: jax.Array | None = None):
+                     dropout_rng: jax.Array | None = None, temperature: float = 1.0):
     """jalign's decoder: per-token log-probs of each next token [B, T-1] float32, plus a mask.
 
     Position t of the result scores token t+1 given tokens <= t. The mask is
@@ -46,6 +46,11 @@ def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.A
     `token_logprobs`), without building logits. The entropy is differentiable (PPO's
     entropy bonus); the others carry no gradient.
     `dropout_rng` switches on LoRA dropout (training forward passes only).
+    `temperature` T scores under softmax(logits / T), the distribution a sampler at T
+    draws from (RL: the trainer's log-probs match the behaviour log-probs, as TRL and
+    verl divide the logits by the sampling temperature). The model soft-caps before the
+    temperature, the op after it, so the op gets the cap c / T: (c/T) tanh((z/T) / (c/T))
+    = c tanh(z/c) / T.
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None and config.lora_dropout else {}
     hidden_BxTxH = Decoder(config).apply({"params": params}, batch["tokens"],
@@ -53,13 +58,14 @@ def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.A
                                          rngs=rngs)
     targets_BxT = batch["tokens"][:, 1:]
     mask_BxT = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    hidden_BxTxH, cap = hidden_BxTxH[:, :-1], config.final_logit_softcap
+    scaling = dict(temperature=temperature, logit_softcap=None if cap is None else cap / temperature)
     if not with_stats:
-        return token_logprobs(hidden_BxTxH[:, :-1], unembedding(params, config), targets_BxT,
-                              logit_softcap=config.final_logit_softcap, impl=logprob_impl), mask_BxT
-    out = token_logprobs(hidden_BxTxH[:, :-1], unembedding(params, config), targets_BxT,
+        return token_logprobs(hidden_BxTxH, unembedding(params, config), targets_BxT,
+                              impl=logprob_impl, **scaling), mask_BxT
+    out = token_logprobs(hidden_BxTxH, unembedding(params, config), targets_BxT,
                          return_entropy=True, return_max_logit=True, return_lse=True,
-                         return_mean_logit=config.final_logit_softcap is None,
-                         logit_softcap=config.final_logit_softcap, impl=logprob_impl)
+                         return_mean_logit=cap is None, impl=logprob_impl, **scaling)
     # The target is the arg-max exactly when its logit equals the maximum logit,
     # i.e. log p(target) == max_logit - lse (up to float rounding).
     is_argmax_BxT = out.logps >= (out.max_logit - out.lse) - 1e-5
@@ -70,16 +76,18 @@ def shifted_logprobs(params: Any, config: ModelConfig, batch: Mapping[str, jax.A
 
 
 def decoder_logprob_fn(config: ModelConfig, *, logprob_impl: str = "auto",
-                       with_stats: bool = False) -> Callable:
+                       with_stats: bool = False, temperature: float = 1.0) -> Callable:
     """jalign's decoder as a log-prob function `(params, batch, rng=None) -> logps [B, T-1]`.
 
     With `with_stats` it returns a dict {"logps", "entropy", "is_argmax", "mean_logit"}
     instead (the SFT and DPO steps read the extra per-token statistics for their
     metrics when present; "mean_logit" is absent for a soft-capped model).
+    `temperature`: log-probs under softmax(logits / T) (`shifted_logprobs`; RL steps
+    pass the sampling temperature).
     """
     def fn(params, batch, rng=None):
         out = shifted_logprobs(params, config, batch, logprob_impl=logprob_impl,
-                               with_stats=with_stats, dropout_rng=rng)
+                               with_stats=with_stats, dropout_rng=rng, temperature=temperature)
         if with_stats:
             return {"logps": out[0], **out[2]}
         return out[0]

@@ -1,6 +1,7 @@
 """PPO / GRPO steps on rollout-shaped batches: sharded == single device, sane first update."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,3 +184,30 @@ def test_batch_that_does_not_split_into_minibatches_is_named():
         jax.jit(step)(_ppo_state(opt), _rollout_batch())
     with pytest.raises(ValueError, match="config.rl.num_minibatches"):
         make_policy_gradient_step(decoder_logprob_fn(CFG), opt, num_minibatches=0)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+def test_trainer_logps_at_the_sampling_temperature_equal_the_samplers(softcap):
+    """A sampler at T draws from softmax(softcap(z) / T); the trainer's log-probs at T
+    (what the RL steps use) are those exactly, so the first update's ratio is 1."""
+    import dataclasses
+    from jalign.generate import generate
+    from jalign.steps.common import shifted_logprobs
+    cfg = dataclasses.replace(CFG, final_logit_softcap=softcap)
+    params = jax.jit(lambda r: nn.meta.unbox(decoder_init_fn(cfg)(r)))(
+        jax.random.PRNGKey(0))
+    prompt = jnp.asarray(np.random.default_rng(0).integers(3, 64, (4, 6)), jnp.int32)
+    mask = jnp.ones_like(prompt)
+    out = generate(params, cfg, prompt, mask, jax.random.PRNGKey(1), max_new_tokens=8,
+                   eos_id=1, pad_id=0, temperature=0.7)
+    segments = jnp.concatenate([mask, out.completion_mask], 1)
+    batch = {"tokens": out.tokens, "segment_ids": segments,
+             "loss_mask": jnp.concatenate([jnp.zeros_like(mask), out.completion_mask], 1),
+             "positions": jnp.maximum(jnp.cumsum(segments, 1) - 1, 0)}
+    completion = np.asarray(out.completion_mask, bool)
+    for impl in ("xla", "chunked"):
+        at_t = shifted_logprobs(params, cfg, batch, temperature=0.7, logprob_impl=impl)[0]
+        np.testing.assert_allclose(np.asarray(at_t)[:, 5:][completion],
+                                   np.asarray(out.logps)[completion], atol=1e-5)
+    at_1 = shifted_logprobs(params, cfg, batch)[0]
+    assert np.abs(np.asarray(at_1)[:, 5:][completion] - np.asarray(out.logps)[completion]).max() > 1e-2
