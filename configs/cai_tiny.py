@@ -46,7 +46,7 @@ def get_config(arg: str = ""):
     config.pipeline.stages = "sft,label,dpo"
     config.pipeline.sft = ml_collections.ConfigDict()
     config.pipeline.dpo = ml_collections.ConfigDict({
-        "train": {"num_steps": 50, "eval_every": 25},
+        "train": {"num_steps": 100, "eval_every": 50},
         "optimizer": {"learning_rate": 1e-4, "warmup_steps": 10},
         "dpo": {"loss_type": "sigmoid", "beta": 0.5},
     })
@@ -54,7 +54,7 @@ def get_config(arg: str = ""):
     config.judge.constitution = CONSTITUTION
     config.judge.kind = "pairwise"
     config.judge.max_length = 256
-    config.label.num_prompts = 128
+    config.label.num_prompts = 512
     config.label.num_samples = 2
     config.label.max_new_tokens = 16
     config.label.temperature = 1.0

@@ -46,6 +46,7 @@ class Episode:
     state: dict[str, Any] = dataclasses.field(default_factory=dict)   # the environment's own
     stats: dict[str, float] = dataclasses.field(default_factory=dict)  # counters -> env/NAME
     rewards: list[float] = dataclasses.field(default_factory=list)    # per-turn rewards given
+    reward_turns: list[int] = dataclasses.field(default_factory=list)  # the turn (0-based) of each
 
     def count(self, name: str, by: float = 1.0) -> None:
         self.stats[name] = self.stats.get(name, 0.0) + by

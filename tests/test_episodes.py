@@ -136,6 +136,38 @@ def test_episode_metrics_and_turn_rewards():
         assert len(e.rewards) == e.turn - (1 if truncated else 0)
 
 
+def test_turn_rewards_sit_at_each_turns_last_token_and_ppo_rewards_keep_the_score():
+    from jalign.algorithms.episodes import turn_reward_tokens
+    from jalign.algorithms.rl import token_rewards
+    played = EpisodeRunner(CFG, TOK, Countdown(), SPEC).run(_params(25.0), _rows(8),
+                                                            jax.random.PRNGKey(3))
+    mask = played.batch["loss_mask"]
+    placed = turn_reward_tokens(mask, played.episodes)
+    assert max(len(e.rewards) for e in played.episodes) >= 2  # several rewarded turns
+    for i, e in enumerate(played.episodes):
+        gen = np.flatnonzero(mask[i])
+        turn_ends = gen[np.append(np.diff(gen) > 1, True)]  # last token of each turn
+        assert len(turn_ends) == e.turn
+        want = np.zeros(mask.shape[1] - 1, np.float32)
+        for k, r in zip(e.reward_turns, e.rewards):
+            want[turn_ends[k] - 1] += r  # index t scores token t + 1
+        np.testing.assert_allclose(placed[i], want)
+    # PPO's per-token rewards: turn rewards where the turns end, the rest of the score
+    # (the reward functions') on the last token; each row still sums to its score.
+    rng = np.random.default_rng(0)
+    m = jnp.asarray(mask[:, 1:], jnp.float32)
+    kl = jnp.asarray(rng.normal(size=m.shape), jnp.float32) * m
+    scores = jnp.asarray([sum(e.rewards) for e in played.episodes], jnp.float32) + 1.0
+    flat = token_rewards(kl, m, scores, 0.1)
+    split = token_rewards(kl, m, scores, 0.1, jnp.asarray(placed))
+    np.testing.assert_allclose(split.sum(-1), flat.sum(-1), rtol=1e-5, atol=1e-5)
+    moved = np.asarray(split - flat)
+    last = mask.shape[1] - 2 - np.argmax(np.asarray(m)[:, ::-1], axis=1)
+    for i, e in enumerate(played.episodes):
+        before = np.delete(moved[i], last[i])
+        np.testing.assert_allclose(before, np.delete(placed[i], last[i]), atol=1e-6)
+
+
 def _slow(seconds: float) -> str:
     """Sleeps.
 

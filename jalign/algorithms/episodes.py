@@ -339,6 +339,7 @@ class EpisodeRunner:
         for i, o, r, d in zip(stepping, obs, rewards, done):
             if r is not None:
                 episodes[i].rewards.append(float(r))
+                episodes[i].reward_turns.append(episodes[i].turn - 1)
             if d:
                 active[i] = False
                 continue
@@ -422,6 +423,25 @@ def _compact(tokens, valid, generated, logps, pad_id: int, width: int) -> dict[s
         # Position t scores token t + 1.
         out["old_logps"][i, :n - 1] = logps[i, idx[1:]]
     out["positions"] = np.maximum(np.cumsum(out["segment_ids"], 1) - 1, 0).astype(np.int32)
+    return out
+
+
+def turn_reward_tokens(loss_mask_BxW: np.ndarray, episodes: Sequence[Episode]) -> np.ndarray:
+    """[B, W-1] float32: each per-turn environment reward at its turn's last generated
+    token, aligned like log-probs (index t scores token t + 1), for PPO's GAE. A turn is
+    a run of loss-mask-1 tokens (observations between turns are 0); a reward whose turn
+    has no run left (the turn's tokens cut off) goes to the last generated token."""
+    out = np.zeros((loss_mask_BxW.shape[0], loss_mask_BxW.shape[1] - 1), np.float32)
+    for i, episode in enumerate(episodes):
+        if not episode.rewards:
+            continue
+        m = np.concatenate([[0], np.asarray(loss_mask_BxW[i]) > 0, [0]]).astype(np.int8)
+        ends = np.flatnonzero(np.diff(m) == -1) - 1  # the last token of each run
+        if not ends.size:
+            continue
+        for turn, r in zip(episode.reward_turns, episode.rewards):
+            end = ends[min(turn, ends.size - 1)]
+            out[i, max(end, 1) - 1] += r  # token 0 (BOS) is never generated
     return out
 
 

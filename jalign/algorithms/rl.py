@@ -124,12 +124,29 @@ def online_dpo_step(config, model_cfg, spec: RlSpec, optimizer):
 
 # --------------------------------------------------------------------- PPO with a critic
 
+def token_rewards(kl_t, mask, scores_B, kl_coef, turn_rewards=None):
+    """PPO's per-token rewards [B, T-1]: -kl_coef * KL_t, plus each sequence's score on its
+    last completion token; with `turn_rewards` (multi-turn episodes: each environment
+    reward on its turn's last token, part of the score), those stay where their turns end
+    and the last token gets the rest, so a sequence's rewards still sum to its score."""
+    steps = mask.shape[1]
+    last = steps - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # last completion token
+    is_last = (jnp.arange(steps)[None, :] == last[:, None]).astype(jnp.float32)
+    rewards_t = -kl_coef * kl_t + is_last * scores_B[:, None]
+    if turn_rewards is not None:
+        turn_t = turn_rewards * mask
+        rewards_t = rewards_t + turn_t - is_last * turn_t.sum(-1, keepdims=True)
+    return rewards_t
+
+
 def _ppo_batch_fn(model_cfg: ModelConfig, rl: RlSpec):
     """Jitted (params, frozen, batch, scores_B) -> (PPO batch, metrics), all on device.
 
     Adds the critic's `old_values`, GAE `advantages` (whitened) and `returns` from
-    per-token rewards -kl_coef * KL_t plus the score on the last completion token,
-    and each sequence's KL to the reference `kl`.
+    per-token rewards -kl_coef * KL_t plus the score on the last completion token (for
+    multi-turn episodes, each per-turn environment reward on its turn's last token,
+    `turn_rewards`, and the rest of the score on the last), and each sequence's KL to
+    the reference `kl`.
     """
     def finish(params, frozen, batch, scores_B):
         mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -138,10 +155,7 @@ def _ppo_batch_fn(model_cfg: ModelConfig, rl: RlSpec):
         old_values = token_values(params["critic"], model_cfg, batch)[:, :-1]
         kl_t = kl_estimate(batch["old_logps"], ref_logps, estimator=rl.kl_estimator) * mask
         coef = frozen["kl_coef"]
-        steps = mask.shape[1]
-        last = steps - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # last completion token
-        is_last = (jnp.arange(steps)[None, :] == last[:, None]).astype(jnp.float32)
-        rewards_t = -coef * kl_t + is_last * scores_B[:, None]
+        rewards_t = token_rewards(kl_t, mask, scores_B, coef, batch.get("turn_rewards"))
         adv, returns = gae_advantages(rewards_t, old_values, mask, gamma=rl.gamma, lam=rl.lam)
         seq_kl = kl_t.sum(-1)
         batch = dict(batch, old_values=old_values * mask, advantages=whiten(adv, mask),

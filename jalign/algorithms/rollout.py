@@ -21,7 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jalign import sharding as shd
-from jalign.algorithms.episodes import EpisodeRunner, make_environment, score_episodes
+from jalign.algorithms.episodes import (EpisodeRunner, make_environment, score_episodes,
+                                        turn_reward_tokens)
 from jalign.algorithms.rl_inputs import RlInputs
 from jalign.algorithms.rl_spec import RlSpec
 from jalign.data.prompts import PROMPT_IDS_KEY
@@ -130,7 +131,10 @@ def make_episode_sampler(model_cfg: ModelConfig, rl: RlSpec, inputs: RlInputs) -
                             put=put, fetch=local_rows)
         scores, metrics = score_episodes(played, repeated, inputs.reward)
         metrics = {**metrics, **played.metrics, "objective/scores": float(scores.mean())}
-        batch = {k: put(v) for k, v in played.batch.items()}
+        host = dict(played.batch)
+        if rl.algo == "ppo":  # GAE credits each turn's reward where the turn ends
+            host["turn_rewards"] = turn_reward_tokens(host["loss_mask"], played.episodes)
+        batch = {k: put(v) for k, v in host.items()}
         return batch, put(scores), metrics, scores, repeated
     return play
 
