@@ -46,7 +46,7 @@ def get_config(arg: str = ""):
     config.pipeline.stages = "sft,label,dpo"
     config.pipeline.sft = ml_collections.ConfigDict()
     config.pipeline.dpo = ml_collections.ConfigDict({
-        "train": {"num_steps": 100, "eval_every": 50},
+        "train": {"num_steps": 100, "eval_every": 100},
         "optimizer": {"learning_rate": 1e-4, "warmup_steps": 10},
         "dpo": {"loss_type": "sigmoid", "beta": 0.5},
     })

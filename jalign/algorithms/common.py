@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import numpy as np
+
 from jalign import judges
 from jalign import sharding as shd
 from jalign.algorithms.episodes import episode_evaluator
@@ -69,9 +71,15 @@ def judge_win_rate_fn(config, prompts) -> Callable | None:
     principles = judges.sample_principles(spec.principles, len(shown), config.seed + 1)
 
     def compare(indices, ours, theirs):
-        out = judge.pairwise([shown[i] for i in indices], ours, theirs,
-                             [principles[i] for i in indices])
-        return {"judge": out["prob"]}
+        # The same answer twice is an even verdict by construction (p = 1/2 exactly): only
+        # differing pairs are judged (at a stage's start every pair is the same).
+        prob = np.full(len(indices), 0.5)
+        differ = [k for k in range(len(indices)) if ours[k] != theirs[k]]
+        if differ:
+            prob[differ] = judge.pairwise([shown[indices[k]] for k in differ],
+                                          [ours[k] for k in differ], [theirs[k] for k in differ],
+                                          [principles[indices[k]] for k in differ])["prob"]
+        return {"judge": prob}
     return compare
 
 
