@@ -10,7 +10,10 @@ offline by `python -m jalign.convert gguf --gguf=smollm2 --out=/tmp/judge_smollm
 pick the better one under a principle drawn from configs/constitutions/helpful_concise.txt
 and writes WORKDIR/label/pairs.jsonl; DPO trains on those pairs from the SFT model and
 is evaluated on the task's held-out prompts and gold reward (config.eval.task), with its
-raw and length-controlled win rate against the SFT model (config.eval.win_rate).
+raw and length-controlled win rates against the SFT model by gold and by the judge
+(config.eval.win_rate_by="gold_reward,judge"). 512 prompts give ~500 pairs and DPO runs
+100 steps: with the gold labeller (`:gold`) that setting raised sampled gold on 3/3 seeds,
+where 128 prompts (50 or 200 steps) did not (benchmarks/RESULTS.md, "AI feedback").
 WORKDIR/label/label_summary.json holds the judge's agreement with gold and its length
 bias on the pairs it labelled.
 

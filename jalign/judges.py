@@ -44,7 +44,7 @@ from jalign import sharding as shd
 from jalign.generate import left_pad
 from jalign.models import hf, pretrained
 from jalign.models.config import ModelConfig
-from jalign.models.transformer import Decoder, decoder_init_fn, unembedding
+from jalign.models.transformer import Decoder, unembedding
 from jalign.tokenizer import Tokenizer, builtin_tokenizer
 
 KINDS = ("pairwise", "pointwise")
@@ -278,13 +278,7 @@ def load_judge(spec: JudgeSpec, mesh: Mesh | None = None, rules=None) -> Judge:
                          "or a Hugging Face folder")
     model = dataclasses.replace(source.model, dtype=spec.dtype, param_dtype=spec.dtype,
                                 remat="none", lora_rank=0)
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-            nn.meta.unbox(jax.eval_shape(decoder_init_fn(model), jax.random.PRNGKey(0))))
-    else:
-        abstract = hf.abstract_params(model, mesh=mesh, rules=rules)
+    abstract = hf.abstract_params(model, mesh=mesh, rules=rules)  # mesh None: the first device
     tokenizer = Tokenizer.from_file(source.tokenizer) if source.tokenizer else builtin_tokenizer()
     return Judge(spec, source.load(abstract), model, tokenizer, mesh, rules)
 
