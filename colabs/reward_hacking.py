@@ -31,7 +31,7 @@
 #    reward model through `rl.reward_sources` / `rl.reward_weights`.
 #
 # The last cell prints the numbers and says plainly what happened. CI runs it small
-# (`JALIGN_NOTEBOOK_SMALL=1`), with fewer steps, a weaker proxy and n <= 16: its
+# (`JALIGN_NOTEBOOK_SMALL=1`), with fewer steps, a weaker proxy and n <= 8: its
 # curves are noisier and its fits rest on few points.
 
 # %%
