@@ -56,6 +56,9 @@ def get_config(arg: str = ""):
     config.judge.path = "stage:sft" if "test" in variants else "/tmp/judge_smollm2"
     config.judge.constitution = CONSTITUTION
     config.judge.kind = "pairwise"
+    # SmolLM2-135M's symmetric p(x > y) sits within ~0.02 of 1/2: the default tie margin
+    # (0.05) would call almost every pair a tie, so every pair is decided here.
+    config.judge.margin = 0.0
     config.judge.max_length = 256
     config.label.num_prompts = 512
     config.label.num_samples = 2
@@ -94,7 +97,6 @@ def get_config(arg: str = ""):
         config.pipeline.dpo.train.num_steps = 4
         config.pipeline.dpo.train.eval_every = 4
         config.judge.batch_size = 8
-        config.judge.margin = 0.0
         config.label.num_prompts = 16
         config.label.max_new_tokens = 8
         config.label.batch_size = 16
