@@ -71,9 +71,16 @@ def _observation_positions(batch, row):
     return out
 
 
-def test_cache_continuation_equals_reencoding_each_turn():
+# A sliding window of 6 tokens on the first layer: shorter than one turn and its
+# observation, so it cuts across the empty cache slots between turns.
+SLIDING = dataclasses.replace(CFG, sliding_window=6,
+                              layer_types=("sliding_attention", "full_attention"))
+
+
+@pytest.mark.parametrize("cfg", [CFG, SLIDING], ids=["full", "sliding"])
+def test_cache_continuation_equals_reencoding_each_turn(cfg):
     params = _params(eos_boost=25.0)
-    runner = EpisodeRunner(CFG, TOK, Countdown(), SPEC, greedy=True)
+    runner = EpisodeRunner(cfg, TOK, Countdown(), SPEC, greedy=True)
     rows = _rows(6)
     played = runner.run(params, rows, jax.random.PRNGKey(1))
     reference = runner.run_reencoding(params, rows, jax.random.PRNGKey(1))
@@ -82,12 +89,22 @@ def test_cache_continuation_equals_reencoding_each_turn():
         n = int(played.batch["segment_ids"][i].sum())
         assert played.batch["tokens"][i][:n].tolist() == ids, f"episode {i}"
     # Sampled too: the same uniforms give the same tokens.
-    sampler = EpisodeRunner(CFG, TOK, Countdown(), SPEC, temperature=1.0)
+    sampler = EpisodeRunner(cfg, TOK, Countdown(), SPEC, temperature=1.0)
     played = sampler.run(params, rows, jax.random.PRNGKey(2))
     reference = sampler.run_reencoding(params, rows, jax.random.PRNGKey(2))
     for i, ids in enumerate(reference):
         n = int(played.batch["segment_ids"][i].sum())
         assert played.batch["tokens"][i][:n].tolist() == ids, f"episode {i}"
+    # The behaviour log-probs (cached, with empty slots between turns) equal the trainer's
+    # on the compacted rows, where the window counts tokens; with the window, they differ
+    # from a full-attention model's.
+    batch = {k: v for k, v in played.batch.items() if k != "old_logps"}
+    mask = batch["loss_mask"][:, 1:]
+    logps = np.asarray(shifted_logprobs(params, cfg, batch)[0]) * mask
+    np.testing.assert_allclose(logps, played.batch["old_logps"], atol=1e-5)
+    if cfg is SLIDING:
+        full = np.asarray(shifted_logprobs(params, CFG, batch)[0]) * mask
+        assert np.abs(full - logps).max() > 1e-3
 
 
 def test_behaviour_logps_equal_a_full_forward_and_observations_get_no_gradient():
@@ -248,8 +265,6 @@ def test_config_errors_name_the_key():
     bad.rl.environment = "python:tests.test_episodes.Nope"
     with pytest.raises(ValueError, match="cannot import"):
         make_environment(episode_spec(bad))
-    with pytest.raises(ValueError, match="sliding"):
-        EpisodeRunner(dataclasses.replace(CFG, sliding_window=8), TOK, Countdown(), SPEC)
 
 
 def test_one_multi_turn_grpo_iteration_on_8_devices_equals_1(tmp_path, monkeypatch):

@@ -202,10 +202,6 @@ class EpisodeRunner:
 
     def __init__(self, model_cfg: ModelConfig, tokenizer, env: Environment, spec: EpisodeSpec, *,
                  temperature: float = 1.0, greedy: bool = False):
-        if model_cfg.sliding_window:
-            raise ValueError("multi-turn rollouts leave masked cache slots between turns, and "
-                             "sliding-window attention counts slots, not tokens: models with "
-                             "model.sliding_window are not supported by config.rl.environment yet")
         self.cfg, self.tok, self.env, self.spec = model_cfg, tokenizer, env, spec
         self._greedy, self._temperature = greedy, temperature
         self.frame = ChatFrame(tokenizer, getattr(env, "tools", None))

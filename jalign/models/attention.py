@@ -466,7 +466,10 @@ class CachedSlots(NamedTuple):
 def cached_attention(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, valid_BxS, start, *, window=None,
                      scale: float, softcap: float | None = None, block_kv: int = 512):
     """New tokens at slots [start, start + T) attend to the valid cache slots at or
-    before their own (and within `window`, an int or traced int32; None: unbounded).
+    before their own (and within `window` tokens, an int or traced int32; None:
+    unbounded). The window counts valid slots, not slots: a multi-turn episode leaves
+    empty slots between turns, and a token's distance is the number of tokens between,
+    as in the compacted training rows.
 
     A loop over key blocks from the window's first to the one holding slot
     start + T - 1, with an online softmax, so a decode step reads the filled part
@@ -479,8 +482,12 @@ def cached_attention(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, valid_BxS, start, *, windo
     bk = min(block_kv, s)
     q = q_BxTxNxD.reshape(b, t, nkv, g, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     start = jnp.asarray(start, jnp.int32)
+    windowed = window is not None
     window = jnp.asarray(s + 1 if window is None else window, jnp.int32)
     q_slot = start + jnp.arange(t, dtype=jnp.int32)
+    # Each slot's token index (valid slots counted up to it) for the window's distances.
+    token_BxS = jnp.cumsum((valid_BxS > 0).astype(jnp.int32), axis=1)
+    q_token_BxT = _sl(token_BxS, start, t, 1)
 
     def kv_step(j, carry):
         # The last block is shifted back to end at slot S; slots an earlier block
@@ -488,15 +495,20 @@ def cached_attention(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, valid_BxS, start, *, windo
         k0 = jnp.minimum(j * bk, s - bk)
         kj, vj = _sl(k_BxKxSxD, k0, bk, 2), _sl(v_BxKxSxD, k0, bk, 2)
         k_slot = k0 + jnp.arange(bk, dtype=jnp.int32)
-        allowed = ((k_slot[None, :] <= q_slot[:, None]) & (k_slot[None, :] >= j * bk)
-                   & (q_slot[:, None] - k_slot[None, :] < window))  # [T, bk]
-        allowed = (allowed[None] & (_sl(valid_BxS, k0, bk, 1) > 0)[:, None, :])[:, None, None]
+        allowed = (k_slot[None, :] <= q_slot[:, None]) & (k_slot[None, :] >= j * bk)  # [T, bk]
+        allowed = allowed[None] & (_sl(valid_BxS, k0, bk, 1) > 0)[:, None, :]  # [B, T, bk]
+        if windowed:
+            k_token_Bxbk = _sl(token_BxS, k0, bk, 1)
+            allowed &= q_token_BxT[:, :, None] - k_token_Bxbk[:, None, :] < window
         _, sc = _scores(q, kj, scale, softcap)  # [B, K, G, T, bk]
-        return _online_softmax_step(carry, sc, allowed, vj)
+        return _online_softmax_step(carry, sc, allowed[:, None, None], vj)
 
     init = (jnp.full((b, nkv, g, t), _NEG_BIG, jnp.float32),
             jnp.zeros((b, nkv, g, t), jnp.float32), jnp.zeros((b, nkv, g, t, d), jnp.float32))
-    lo = jnp.maximum(0, start - window + 1) // bk
+    lo = 0
+    if windowed:  # the first block holding a slot within the window of the first query
+        first_BxS = token_BxS > (q_token_BxT[:, :1] - window)
+        lo = jnp.min(jnp.argmax(first_BxS, axis=1)) // bk
     hi = (start + t - 1) // bk + 1
     _, l, acc = lax.fori_loop(lo, hi, kv_step, init)
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]

@@ -318,11 +318,18 @@ class Decoder(nn.Module):
             causal = k_slot[None, :] <= q_slot[:, None]
             mask = (causal[None] & same_segment)[:, None, None]
             mask_sliding = mask
-            if c.sliding_window is not None:
-                # Window over sequence indices: within a packed segment or a
-                # left-padded prompt these differ exactly as the positions do.
+            if c.sliding_window is not None and cache is None:
+                # Window over sequence indices: within a packed segment these differ
+                # exactly as the positions do.
                 near = k_slot[None, :] > q_slot[:, None] - c.sliding_window
                 mask_sliding = mask & near[None, None, None]
+            elif c.sliding_window is not None:
+                # A cache may hold empty slots (a multi-turn episode's, between turns):
+                # the window counts filled slots, the tokens between.
+                token_BxS = jnp.cumsum((valid > 0).astype(jnp.int32), axis=1)
+                q_token_BxT = jax.lax.dynamic_slice_in_dim(token_BxS, cache_index, t, 1)
+                near = token_BxS[:, None, :] > q_token_BxT[:, :, None] - c.sliding_window
+                mask_sliding = mask & near[:, None, None]
             masks = (mask, mask_sliding)
 
         block = Block
