@@ -125,11 +125,10 @@ def evaluate_policy(params, config: ModelConfig, tokenizer, task, prompts: Seque
             r_lengths = np.asarray(r_mask).sum(-1)[:n]
             ref = score_fn(indices, texts, r_lengths)
             names = list(win_rate_by) or [next(iter(ref))]
-            direct = [n for n in names if n not in ref]
+            direct = [name for name in names if name not in ref]
             if direct and pairwise_fn is not None:
                 ref.update(pairwise_fn(indices, sampled_texts, texts))
-                direct = [n for n in direct if n in ref]
-                pairwise_names = set(direct)
+                pairwise_names = {name for name in direct if name in ref}
             unknown = [name for name in names if name not in ref]
             if unknown:
                 raise ValueError(f"config.eval.win_rate_by names {unknown[0]!r}, which this "
